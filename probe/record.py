@@ -1,0 +1,44 @@
+"""Per-token attribution record: the compact result that leaves the worker.
+
+Field names follow METHOD.md section 4 and are mirrored one-to-one by the
+`TokenAttribution` message of protos/alignlens/v1. Arrays are plain Python lists
+so a record can cross a process boundary as msgpack/JSON without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Direction:
+    """One singular direction of one weight matrix, with its attribution score."""
+
+    layer: int  # block index 1..L (depth token l reads alpha_l)
+    family: str  # one of probe.names.FAMILIES
+    index: int  # singular-direction index 0..k-1 (0 = largest singular value)
+    score: float  # signed gradient x input of log p_L(y) w.r.t. alpha_{l,f,index}
+
+
+@dataclass
+class TokenAttribution:
+    """Why token y was emitted at one position. L = number of host blocks."""
+
+    token_id: int
+    layer_gain: list[float]  # [L+1] nats, log p_l(y) - log p_{l-1}(y); l=0 vs uniform over candidates
+    layer_importance: list[float]  # [L+1] positive gains normalized to sum 1
+    crystallization_layer: int  # smallest l with y top candidate at every depth >= l
+    family_importance: list[list[float]]  # [L][3] share of qkv, attn_out, mlp_in per block
+    top_directions: list[Direction] = field(default_factory=list)
+    probe_prob: float = 0.0  # probe's final-depth probability of y over the candidate set
+    probe_top1: bool = False  # probe's final-depth top candidate == y
+    host_logprob: float = 0.0  # host log p(y) over the full vocabulary (nats)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenAttribution":
+        d = dict(d)
+        d["top_directions"] = [Direction(**x) for x in d.get("top_directions", [])]
+        return cls(**d)
