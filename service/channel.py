@@ -1,0 +1,169 @@
+"""Side channel from the vLLM worker to the server: compact per-token records.
+
+Bulk activations never cross the engine's own RPC path (VLLM_NOTES.md: tensors in RPC
+results arrive as nested lists). The worker PUSHes one msgpack message per engine step
+over a local ZeroMQ IPC socket; the server PULLs and routes records to the request
+that owns them. Nothing here imports vLLM.
+
+Wire format of one step message (msgpack map):
+    {"step": int, "attr_seconds": float, "L": int, "d": int, "dtype": str,
+     "records": [{"rid": str, "kind": "gen" | "replay", "index": int, "token": int,
+                  "attr": dict | None, "resid": bytes | None, "resid_mid": bytes | None}]}
+`index` is the output index (gen) or completion index (replay) the row decides;
+`resid` is [L+1, d] and `resid_mid` [L, d] in `dtype`, C order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+GEN = "gen"
+REPLAY = "replay"
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def encode_step(message: dict) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_step(payload: bytes) -> dict:
+    return _decoder.decode(payload)
+
+
+def new_address(directory: str | None = None) -> str:
+    """A fresh IPC address in a directory the project owns (TMPDIR by default)."""
+    directory = directory or os.environ.get("ALIGNLENS_RUNTIME_DIR") or tempfile.gettempdir()
+    os.makedirs(directory, exist_ok=True)
+    return f"ipc://{os.path.join(directory, f'alignlens-capture-{uuid.uuid4().hex[:12]}.sock')}"
+
+
+def record_tensors(message: dict, record: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a record's bulk rows: (resid [L+1, d], resid_mid [L, d])."""
+    L, d, dtype = message["L"], message["d"], np.dtype(message["dtype"])
+    resid = torch.from_numpy(np.frombuffer(record["resid"], dtype=dtype).reshape(L + 1, d).copy())
+    mid = torch.from_numpy(np.frombuffer(record["resid_mid"], dtype=dtype).reshape(L, d).copy())
+    return resid, mid
+
+
+@dataclass
+class RequestRecords:
+    """Records received for one request, keyed by (kind, index)."""
+
+    records: dict[tuple[str, int], tuple[dict, dict]] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class CaptureSink:
+    """Server end of the side channel: PULL socket + per-request routing.
+
+    A request must be `open`ed before it is submitted to the engine and `close`d when
+    it finishes or is aborted; records for unknown requests are counted and dropped,
+    so nothing outlives its request.
+    """
+
+    def __init__(self, address: str | None = None,
+                 on_step: Callable[[dict], None] | None = None):
+        self.address = address or new_address()
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.bind(self.address)
+        self._requests: dict[str, RequestRecords] = {}
+        self._task: asyncio.Task | None = None
+        self._on_step = on_step
+        self.dropped_records = 0
+        self.steps_received = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._pump(), name="capture-sink")
+
+    async def _pump(self) -> None:
+        while True:
+            payload = await self._sock.recv()
+            message = decode_step(payload)
+            self.steps_received += 1
+            if self._on_step is not None:
+                self._on_step(message)
+            for rec in message["records"]:
+                state = self._requests.get(rec["rid"])
+                if state is None:
+                    self.dropped_records += 1
+                    continue
+                state.records[(rec["kind"], rec["index"])] = (message, rec)
+                state.changed.set()
+
+    def open(self, rid: str) -> None:
+        if rid in self._requests:
+            raise KeyError(f"request id {rid!r} is already in flight")
+        self._requests[rid] = RequestRecords()
+
+    def close(self, rid: str) -> None:
+        self._requests.pop(rid, None)
+
+    @property
+    def open_requests(self) -> int:
+        return len(self._requests)
+
+    @property
+    def buffered_records(self) -> int:
+        return sum(len(s.records) for s in self._requests.values())
+
+    async def take(self, rid: str, kind: str, index: int, timeout_s: float = 30.0) -> tuple[dict, dict]:
+        """Wait for and remove the record deciding (kind, index) of request `rid`."""
+        state = self._requests[rid]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while (kind, index) not in state.records:
+            state.changed.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"no capture record for request {rid!r} {kind} index {index}")
+            try:
+                await asyncio.wait_for(state.changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+        return state.records.pop((kind, index))
+
+    def shutdown(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._sock.close(linger=0)
+        self._ctx.term()
+        path = self.address.removeprefix("ipc://")
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+class CaptureSender:
+    """Worker end of the side channel (blocking PUSH; no record is dropped)."""
+
+    def __init__(self, address: str):
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PUSH)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.LINGER, 5000)
+        self._sock.connect(address)
+        self.address = address
+
+    def send(self, message: dict) -> None:
+        self._sock.send(encode_step(message), copy=False)
+
+    def close(self) -> None:
+        self._sock.close()
+        self._ctx.term()

@@ -1,0 +1,209 @@
+"""Worker-side capture state: which rows of a step decide which tokens, and what leaves.
+
+Phases of one engine step, in the order vLLM runs them in the worker:
+  1. `execute_model` (wrapped): marks a real step (dummy/profiling runs capture nothing)
+     and forgets requests the scheduler reports finished or aborted.
+  2. model forward -> `on_forward(stream)`: `stream` is the 2L+1 tensors
+     [h_0, m_1, h_1, ..., m_L, h_L], each [num_tokens, d_model]. Only rows that decide a
+     token are copied out (index_select; this also detaches them from CUDA-graph
+     buffers): the last row of each request whose sampled token is kept, and, for
+     teacher-forced replay requests, every row that decides a completion token.
+  3. `_sample` (wrapped): the sampled token of each generation row becomes known; the
+     probe runs once, batched, over all rows of the step that asked for attribution,
+     and one compact message per step is PUSHed to the server (service/channel.py).
+
+Per-request options travel in `SamplingParams.extra_args["alignlens"]`:
+    rid          external request id (the engine appends a random suffix internally)
+    resid        bool: ship the bulk rows (`alignlens trace`)
+    detail       0 none, 1 summary, 2 full: run the probe
+    replay_from  int: capture rows deciding prompt tokens replay_from.. (audit)
+Requests without that key are served exactly like stock vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.channel import GEN, REPLAY, CaptureSender
+
+log = logging.getLogger(__name__)
+
+OPTIONS_KEY = "alignlens"
+
+
+@dataclass
+class _Row:
+    batch_index: int  # position of the request in the input batch (sampler row)
+    rid: str
+    kind: str  # GEN or REPLAY
+    index: int  # output index (GEN) or completion index (REPLAY)
+    token: int | None  # known for REPLAY; filled after sampling for GEN
+    detail: int
+    ship_resid: bool
+
+
+@dataclass
+class CaptureState:
+    runner: Any = None
+    sender: CaptureSender | None = None
+    attributor: Any = None  # probe.attribution.Attributor, or None
+    in_step: bool = False
+    step: int = 0
+    rows: list[_Row] = field(default_factory=list)
+    tensors: torch.Tensor | None = None  # [rows, 2L+1, d]
+    active: dict[str, str] = field(default_factory=dict)  # internal id -> external id
+    forward_calls: int = 0
+    rows_sent: int = 0
+
+    def stats(self) -> dict:
+        return {
+            "attached": self.runner is not None,
+            "steps": self.step,
+            "forward_calls": self.forward_calls,
+            "rows_sent": self.rows_sent,
+            "pending_rows": len(self.rows),
+            "tracked_requests": len(self.active),
+            "probe_loaded": self.attributor is not None,
+        }
+
+
+STATE = CaptureState()
+
+
+def _options(runner, req_id: str) -> dict | None:
+    req = runner.requests.get(req_id)
+    params = getattr(req, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    return extra.get(OPTIONS_KEY)
+
+
+def on_forward(stream: list[torch.Tensor]) -> None:
+    """Phase 2: keep the rows that decide tokens. `stream`: 2L+1 tensors [tokens, d]."""
+    st = STATE
+    st.forward_calls += 1
+    if not st.in_step or st.runner is None:
+        return
+    runner = st.runner
+    batch = runner.input_batch
+    n = batch.num_reqs
+    if n == 0:
+        return
+    qsl = runner.query_start_loc.np[: n + 1]
+    computed = batch.num_computed_tokens_cpu[:n]
+    n_prompt = batch.num_prompt_tokens[:n]
+    rows: list[_Row] = []
+    index: list[int] = []
+    for i, req_id in enumerate(batch.req_ids[:n]):
+        opts = _options(runner, req_id)
+        if opts is None:
+            continue
+        rid = opts["rid"]
+        st.active[req_id] = rid
+        start, end = int(qsl[i]), int(qsl[i + 1])
+        pos0 = int(computed[i])
+        detail = int(opts.get("detail", 0))
+        ship = bool(opts.get("resid", False))
+        replay_from = opts.get("replay_from")
+        if replay_from is not None:
+            prompt_ids = runner.requests[req_id].prompt_token_ids
+            # row at position p decides prompt token p+1; keep p+1 in [replay_from, n_prompt)
+            lo = max(start, start + (replay_from - 1 - pos0))
+            hi = min(end, start + (int(n_prompt[i]) - 1 - pos0))
+            for r in range(lo, hi):
+                p = pos0 + (r - start)
+                rows.append(_Row(i, rid, REPLAY, p + 1 - replay_from, prompt_ids[p + 1], detail, ship))
+                index.append(r)
+            continue
+        out_index = pos0 + (end - start) - int(n_prompt[i])  # (last position + 1) - prompt tokens
+        if out_index >= 0:  # negative: a chunked-prefill piece that samples nothing
+            rows.append(_Row(i, rid, GEN, out_index, None, detail, ship))
+            index.append(end - 1)
+    if not rows:
+        return
+    idx = torch.tensor(index, dtype=torch.long, device=stream[0].device)
+    st.tensors = torch.stack([t.index_select(0, idx) for t in stream], dim=1)
+    st.rows = rows
+
+
+def on_sampled(sampled_token_ids: torch.Tensor | None) -> None:
+    """Phase 3: join sampled tokens, run the probe, ship one message for the step."""
+    st = STATE
+    if not st.rows:
+        return
+    rows, tensors = st.rows, st.tensors
+    st.rows, st.tensors = [], None
+    if any(r.kind == GEN for r in rows):
+        sampled = sampled_token_ids[:, 0].tolist() if sampled_token_ids is not None else []
+        for r in rows:
+            if r.kind == GEN:
+                r.token = int(sampled[r.batch_index]) if r.batch_index < len(sampled) else -1
+    rows_keep = [i for i, r in enumerate(rows) if r.token is not None and r.token >= 0]
+    resid = tensors[:, 0::2]  # [rows, L+1, d]
+    mid = tensors[:, 1::2]  # [rows, L, d]
+    attrs: dict[int, dict] = {}
+    attr_seconds = 0.0
+    want = [i for i in rows_keep if rows[i].detail > 0]
+    if want and st.attributor is not None:
+        t0 = time.perf_counter()
+        sel = torch.tensor(want, dtype=torch.long, device=tensors.device)
+        tokens = torch.tensor([rows[i].token for i in want], dtype=torch.long, device=tensors.device)
+        detail = "full" if max(rows[i].detail for i in want) >= 2 else "summary"
+        results = st.attributor(resid.index_select(0, sel), mid.index_select(0, sel), tokens, detail=detail)
+        for i, res in zip(want, results):
+            attrs[i] = res.to_dict()
+        attr_seconds = time.perf_counter() - t0
+    ship_any = any(rows[i].ship_resid for i in rows_keep)
+    resid_cpu = resid.detach().to("cpu").contiguous() if ship_any else None
+    mid_cpu = mid.detach().to("cpu").contiguous() if ship_any else None
+    records = []
+    for i in rows_keep:
+        r = rows[i]
+        rec = {"rid": r.rid, "kind": r.kind, "index": r.index, "token": r.token,
+               "attr": attrs.get(i), "resid": None, "resid_mid": None}
+        if r.ship_resid:
+            rec["resid"] = resid_cpu[i].numpy().tobytes()
+            rec["resid_mid"] = mid_cpu[i].numpy().tobytes()
+        records.append(rec)
+    st.step += 1
+    if st.sender is not None and records:
+        L = mid.shape[1]
+        st.sender.send({"step": st.step, "attr_seconds": attr_seconds, "L": L, "d": tensors.shape[-1],
+                        "dtype": str(np.dtype(str(tensors.dtype).removeprefix("torch."))),
+                        "records": records})
+        st.rows_sent += len(records)
+
+
+def attach(runner, sender: CaptureSender | None, attributor=None) -> None:
+    """Wrap the runner's step phases (instance attributes; the class is untouched)."""
+    st = STATE
+    if st.runner is not runner:
+        execute = runner.execute_model
+        sample = runner._sample
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            for req_id in getattr(scheduler_output, "finished_req_ids", ()) or ():
+                st.active.pop(req_id, None)
+            if st.rows:  # a step whose sampling never ran: its rows decide nothing
+                st.rows, st.tensors = [], None
+            st.in_step = True
+            try:
+                return execute(scheduler_output, *args, **kwargs)
+            finally:
+                st.in_step = False
+
+        def _sample(*args, **kwargs):
+            out = sample(*args, **kwargs)
+            on_sampled(out.sampled_token_ids)
+            return out
+
+        runner.execute_model = execute_model
+        runner._sample = _sample
+    if st.sender is not None and st.sender is not sender:
+        st.sender.close()
+    st.runner, st.sender, st.attributor = runner, sender, attributor

@@ -1,0 +1,155 @@
+"""Capture-enabled model classes.
+
+Why this shape (measured, see VLLM_NOTES.md): forward hooks do not fire inside the
+compiled model, and Llama-family blocks return `(mlp_out, residual)` with the add
+deferred into the next fused add+RMSNorm. So capture is part of the model's own
+compiled forward: the inner model returns, beside its normal output, a list of
+2L+1 tensors `[h_0, m_1, h_1, m_2, h_2, ..., m_L, h_L]`, each `[tokens, d_model]`
+(`resid` = h, `resid_mid` = m; probe/names.py). The outer, uncompiled
+`ForCausalLM.forward` hands that list to `capture.on_forward` (which keeps only the
+rows that decide tokens) and returns the plain hidden states, so vLLM's model runner
+sees a stock model.
+
+Llama/Qwen2 use vLLM's EAGLE-3 auxiliary-hidden-state mechanism: all depths are
+enabled at construction, before compilation, and `_maybe_add_hidden_state` is
+extended to also record m_l (the `residual` a Llama block returns is exactly the
+stream after its attention add). GPT-2 blocks add inside themselves, so the GPT-2
+inner forward is written out here with the same arithmetic as vLLM's GPT2Block.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+
+from vllm.distributed import get_pp_group
+from vllm.model_executor.models import gpt2 as vllm_gpt2
+from vllm.model_executor.models import qwen2 as vllm_qwen2
+from vllm.model_executor.models.gpt2 import GPT2LMHeadModel, GPT2Model
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
+from vllm.model_executor.models.mistral import (
+    MistralDecoderLayer,
+    MistralForCausalLM,
+    MistralModel,
+)
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
+
+from service.vllm_plugin import capture
+
+
+def _require_single_stage() -> None:
+    if get_pp_group().world_size > 1:
+        raise NotImplementedError("alignlens capture does not support pipeline parallelism")
+
+
+class _AuxCaptureMixin:
+    """Records [h_0, m_1, h_1, ..., m_L, h_L] through the EAGLE-3 aux mechanism."""
+
+    def _enable_full_capture(self) -> None:
+        _require_single_stage()
+        self._set_aux_hidden_state_layers(tuple(range(self.start_layer, self.end_layer + 1)))
+
+    def _maybe_add_hidden_state(self, aux_hidden_states, layer_idx, hidden_states, residual):
+        if layer_idx in self.aux_hidden_state_layers:
+            if residual is None:  # before block 1: the embeddings are the stream
+                aux_hidden_states.append(hidden_states)
+            else:
+                # `residual` is m_l; clone because the next fused add+norm updates it in place.
+                aux_hidden_states.append(residual.clone())
+                aux_hidden_states.append(hidden_states + residual)
+        return aux_hidden_states
+
+
+class CaptureLlamaModel(_AuxCaptureMixin, LlamaModel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._enable_full_capture()
+
+
+class CaptureQwen2Model(_AuxCaptureMixin, Qwen2Model):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._enable_full_capture()
+
+
+class CaptureGPT2Model(GPT2Model):
+    """GPT-2 with the block arithmetic inlined so m_l is visible."""
+
+    def forward(self, input_ids, position_ids, intermediate_tensors, inputs_embeds):
+        _require_single_stage()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_input_ids(input_ids)
+        h = inputs_embeds + self.wpe(position_ids)
+        stream = [h]
+        for block in islice(self.h, self.start_layer, self.end_layer):
+            m = block.attn(hidden_states=block.ln_1(h)) + h
+            h = m + block.mlp(block.ln_2(m))
+            stream += [m, h]
+        return self.ln_f(h), stream
+
+
+def _split_output(model_output):
+    if isinstance(model_output, tuple):
+        hidden, stream = model_output
+        capture.on_forward(stream)
+        return hidden
+    return model_output
+
+
+class CaptureLlamaForCausalLM(LlamaForCausalLM):
+    def _init_model(self, vllm_config, prefix="", layer_type=LlamaDecoderLayer):
+        return CaptureLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return _split_output(self.model(input_ids, positions, intermediate_tensors, inputs_embeds))
+
+
+class CaptureMistralModel(_AuxCaptureMixin, MistralModel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._enable_full_capture()
+
+
+class CaptureMistralForCausalLM(MistralForCausalLM):
+    def _init_model(self, vllm_config, prefix="", layer_type=MistralDecoderLayer):
+        return CaptureMistralModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return _split_output(self.model(input_ids, positions, intermediate_tensors, inputs_embeds))
+
+
+class _SwapInner:
+    """Build a parent model with its inner model class swapped (no double construction)."""
+
+    def __init__(self, module, name: str, replacement: type):
+        self.module, self.name, self.replacement = module, name, replacement
+
+    def __enter__(self):
+        self.original = getattr(self.module, self.name)
+        setattr(self.module, self.name, self.replacement)
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.original)
+
+
+class CaptureQwen2ForCausalLM(Qwen2ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _SwapInner(vllm_qwen2, "Qwen2Model", CaptureQwen2Model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return _split_output(self.model(input_ids, positions, intermediate_tensors, inputs_embeds))
+
+
+class CaptureGPT2LMHeadModel(GPT2LMHeadModel):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _SwapInner(vllm_gpt2, "GPT2Model", CaptureGPT2Model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        return _split_output(self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds))
+
+
+__all__ = [
+    "CaptureLlamaForCausalLM", "CaptureMistralForCausalLM",
+    "CaptureQwen2ForCausalLM", "CaptureGPT2LMHeadModel",
+]

@@ -1,0 +1,25 @@
+"""vLLM general plugin: register capture-enabled model classes.
+
+vLLM calls `register()` in every process (engine core, workers) when plugins load.
+Registering a class under an existing architecture name replaces vLLM's own class,
+so a checkpoint whose config says `LlamaForCausalLM` is built with capture inside
+its forward. Strings keep the import lazy (no CUDA init at plugin load).
+"""
+
+from __future__ import annotations
+
+CAPTURE_ARCHITECTURES = {
+    "LlamaForCausalLM": "service.vllm_plugin.models:CaptureLlamaForCausalLM",
+    "MistralForCausalLM": "service.vllm_plugin.models:CaptureMistralForCausalLM",
+    "Qwen2ForCausalLM": "service.vllm_plugin.models:CaptureQwen2ForCausalLM",
+    "GPT2LMHeadModel": "service.vllm_plugin.models:CaptureGPT2LMHeadModel",
+}
+
+PLUGIN_NAME = "alignlens_capture"  # entry-point name; VLLM_PLUGINS selects plugins by it
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    for arch, qualname in CAPTURE_ARCHITECTURES.items():
+        ModelRegistry.register_model(arch, qualname)

@@ -1,0 +1,42 @@
+"""Worker extension: named methods the server calls with `collective_rpc`.
+
+Named methods need no insecure serialization; results are plain dicts.
+Only tensor-parallel rank 0 ships records (the residual stream is replicated across
+ranks at block boundaries, VLLM_NOTES.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from service.channel import CaptureSender
+from service.vllm_plugin import capture
+
+log = logging.getLogger(__name__)
+
+
+class AlignlensWorkerExtension:
+    """Mixed into vLLM's Worker class by `worker_extension_cls`."""
+
+    def alignlens_attach(self, address: str, probe_path: str | None = None,
+                         checkpoint_dir: str | None = None) -> dict:
+        """Connect the side channel at `address`; load the probe if a path is given."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = get_tensor_model_parallel_rank()
+        runner = self.model_runner
+        model = runner.get_model()
+        if not type(model).__name__.startswith("Capture"):
+            raise RuntimeError(f"model class {type(model).__name__} has no alignlens capture: "
+                               "is the alignlens vLLM plugin loaded (VLLM_PLUGINS)?")
+        attributor = None
+        if probe_path and rank == 0:
+            from probe.attribution import Attributor
+
+            attributor = Attributor.load(probe_path, checkpoint_dir, device=runner.device)
+        sender = CaptureSender(address) if rank == 0 else None
+        capture.attach(runner, sender, attributor)
+        return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None}
+
+    def alignlens_stats(self) -> dict:
+        return capture.STATE.stats()
