@@ -6,7 +6,8 @@ For block i and family f with full matrix W = U S V^T (probe.host.Host.family_ma
 so that alpha_{i,f} = proj[i, f] @ x for the vector x the family reads or writes (METHOD.md section 3).
 `basis` rows are orthonormal; ablation projects them out (x - basis^T basis x).
 
-The SVD is taken in float64 of the full, unsharded matrix and cast to float32. Signs of singular
+The SVD is taken in float64 of the full, unsharded matrix (via its Gram matrix, see
+_top_singular) and cast to float32. Signs of singular
 vectors are arbitrary; we fix each basis row so that its largest-magnitude entry is positive, which
 makes factors reproducible across LAPACK builds.
 
@@ -62,8 +63,32 @@ def _fix_signs(rows: Tensor) -> Tensor:
     return sign
 
 
+def _top_singular(W: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k singular values [k] and right singular vectors as rows [k, in] of W [out, in], float64.
+
+    Through the eigen-decomposition of the Gram matrix W^T W [in, in]: 20-50x faster on CPU than a
+    full SVD of a [3072, 576] matrix, and in float64 accurate far beyond float32 for the top of the
+    spectrum (errors ~ 1e-16 * sigma_1^2 / gap). For the writer we pass W^T, whose right singular
+    vectors are W's left ones.
+    """
+    evals, evecs = torch.linalg.eigh(W.T @ W)  # ascending
+    S = evals.flip(0)[:k].clamp_min(0).sqrt()
+    return S, evecs.flip(1)[:, :k].T.contiguous()
+
+
 def compute_factors(host: Host, k: int = DEFAULT_K) -> SvdFactors:
     """SVD of every family matrix of `host` in float64; keep the top k. Seconds for a 135M model."""
+    # MKL's threaded eigensolver is 10-20x slower than the single-threaded one for these small
+    # matrices on a busy 2-core machine (measured: 1.8 s vs 0.1 s per 576x576 eigh).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compute_factors(host, k)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute_factors(host: Host, k: int) -> SvdFactors:
     L, d = host.n_layers, host.d_model
     proj = torch.empty(L, 3, k, d)
     basis = torch.empty(L, 3, k, d)
@@ -73,8 +98,7 @@ def compute_factors(host: Host, k: int = DEFAULT_K) -> SvdFactors:
             W = host.family_matrix(i, f).double()
             if k > min(W.shape):
                 raise ValueError(f"k={k} exceeds the rank bound {min(W.shape)} of block {i} {f} {tuple(W.shape)}")
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            rows = Vh[:k] if f in READERS else U[:, :k].T  # [k, d]
+            S, rows = _top_singular(W if f in READERS else W.T, k)  # rows [k, d]
             rows = rows * _fix_signs(rows)[:, None]
             j = FAMILY_INDEX[f]
             basis[i, j] = rows.float()

@@ -79,3 +79,13 @@ def test_svd_cache_round_trip(tmp_path, monkeypatch):
     assert [p.name for p in files] == [f"{host_fingerprint(host)}-k{K}.safetensors"]
     second = load_or_compute(host, K)
     assert torch.equal(first.proj, second.proj) and torch.equal(first.sigma, second.sigma)
+
+
+def test_top_singular_matches_svd():
+    from probe.svd import _top_singular
+    torch.manual_seed(0)
+    W = torch.randn(300, 64, dtype=torch.float64) @ torch.diag(torch.linspace(5, 0.1, 64, dtype=torch.float64))
+    S, rows = _top_singular(W, 16)
+    U, S_ref, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(S, S_ref[:16])
+    torch.testing.assert_close((rows * Vh[:16]).sum(1).abs(), torch.ones(16, dtype=torch.float64))
