@@ -150,6 +150,36 @@ class CaptureSink:
             os.unlink(path)
 
 
+class SyncCaptureSink:
+    """Blocking PULL end for the in-process (multiprocessing off) engine: drain after a batch."""
+
+    def __init__(self, address: str | None = None):
+        self.address = address or new_address()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.PULL)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._sock.bind(self.address)
+
+    def drain(self, expected_records: int, timeout_s: float = 30.0) -> list[tuple[dict, dict]]:
+        """Receive until `expected_records` records arrived; returns (message, record) pairs."""
+        got: list[tuple[dict, dict]] = []
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while len(got) < expected_records:
+            if not poller.poll(int(timeout_s * 1000)):
+                raise TimeoutError(f"capture: {len(got)} of {expected_records} records arrived")
+            message = decode_step(self._sock.recv())
+            got += [(message, rec) for rec in message["records"]]
+        return got
+
+    def shutdown(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+        path = self.address.removeprefix("ipc://")
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 class CaptureSender:
     """Worker end of the side channel (blocking PUSH; no record is dropped)."""
 

@@ -37,6 +37,7 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata={"help": "model dtype (float32 is fastest on AVX2 CPUs)"})
     max_model_len: int = field(default=2048, metadata={"help": "context length (prompt + generated tokens)"})
     max_num_seqs: int = field(default=32, metadata={"help": "most requests the engine batches in one step"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step (prefills are chunked to fit)"})
     kv_cache_gib: int = field(default=2, metadata={"help": "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)"})
     enforce_eager: bool = field(default=False, metadata={"help": "skip torch.compile (faster start, slower steps)"})
     multiprocessing: bool = field(default=True, metadata={"help": "run the engine core in its own process (vLLM default)"})
@@ -98,16 +99,7 @@ class CaptureEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         t0 = time.perf_counter()
-        args = AsyncEngineArgs(
-            model=str(model_path),
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            seed=config.seed,
-            worker_extension_cls=WORKER_EXTENSION if config.capture else "",
-            disable_log_stats=True,
-        )
+        args = AsyncEngineArgs(**engine_args(config, model_path), disable_log_stats=True)
         llm = AsyncLLM.from_engine_args(args)
         sink = None
         engine = cls(config, llm, None, model_path)
@@ -173,8 +165,67 @@ class CaptureEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        self.llm = None  # AsyncLLM.__del__ at interpreter exit would shut down twice
         if self.sink is not None:
             self.sink.shutdown()
+
+
+def engine_args(config: EngineConfig, model_path: Path) -> dict:
+    """Keyword arguments shared by AsyncEngineArgs and the in-process `vllm.LLM`."""
+    return dict(
+        model=str(model_path), dtype=config.dtype, max_model_len=config.max_model_len,
+        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+        enable_chunked_prefill=True, enforce_eager=config.enforce_eager, seed=config.seed,
+        worker_extension_cls=WORKER_EXTENSION if config.capture else "",
+    )
+
+
+class InprocCaptureEngine:
+    """The fast configuration: `vllm.LLM` with multiprocessing off (engine in this process).
+
+    AsyncLLM always runs its engine core in another process, so the in-process
+    configuration uses the synchronous engine; records are drained after each batch.
+    """
+
+    def __init__(self, config: EngineConfig, probe_path: str | None = None):
+        from service.channel import SyncCaptureSink
+        from service.modelstore import resolve_model
+
+        config.multiprocessing = False
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        prepare_environment(config)
+        from vllm import LLM
+
+        t0 = time.perf_counter()
+        self.llm = LLM(**engine_args(config, self.model_path), disable_log_stats=True)
+        self.sink = SyncCaptureSink() if config.capture else None
+        self.attach_info = {}
+        if self.sink is not None:
+            self.attach_info = self.llm.collective_rpc(
+                "alignlens_attach", args=(self.sink.address, probe_path, str(self.model_path)))[0]
+        self.start_seconds = time.perf_counter() - t0
+
+    def generate_captured(self, prompt_ids: list[list[int]], params_list: list, *, detail: int = 0,
+                          resid: bool = False) -> list[tuple[Any, list[tuple[dict, dict]]]]:
+        """Generate all prompts; per prompt (RequestOutput, records in output order)."""
+        rids = [f"inproc-{i}-{time.monotonic_ns()}" for i in range(len(prompt_ids))]
+        for rid, params in zip(rids, params_list):
+            params.extra_args = {**(params.extra_args or {}), **capture_options(rid, detail=detail, resid=resid)}
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params_list, use_tqdm=False)
+        expected = sum(len(o.outputs[0].token_ids) for o in outs)
+        by_rid: dict[str, dict[int, tuple[dict, dict]]] = {rid: {} for rid in rids}
+        for message, rec in self.sink.drain(expected):
+            by_rid[rec["rid"]][rec["index"]] = (message, rec)
+        return [(o, [by_rid[rid][i] for i in range(len(o.outputs[0].token_ids))]) for o, rid in zip(outs, rids)]
+
+    def stats(self) -> dict:
+        return self.llm.collective_rpc("alignlens_stats")[0]
+
+    def shutdown(self) -> None:
+        if self.sink is not None:
+            self.sink.shutdown()
+        del self.llm
 
 
 def run_async(coro):

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from service.channel import record_tensors
-from service.engine import CaptureEngine, EngineConfig
+from service.engine import CaptureEngine, EngineConfig, InprocCaptureEngine
 
 log = logging.getLogger(__name__)
 
@@ -79,24 +79,53 @@ def trace_to_file(model: str, prompts: list, max_tokens: int, temperature: float
     config.model = model
     out = Path(out_path)
 
+    def write(engine, ids: list[list[int]], results: list[dict[str, torch.Tensor]], seconds: float) -> Path:
+        n_tok = sum(len(r["token_ids"]) for r in results)
+        log.info("traced %d prompts, %d tokens in %.2f s (%.1f tokens/s)", len(ids), n_tok, seconds,
+                 n_tok / max(seconds, 1e-9))
+        save_trace(results, out, {
+            "format": "alignlens-trace-v1", "model": str(engine.model_path), "dtype": config.dtype,
+            "vllm_version": vllm.__version__, "prompts": len(ids), "max_tokens": max_tokens,
+            "temperature": temperature, "seed": seed, "chat": chat,
+            "multiprocessing": config.multiprocessing, "enforce_eager": config.enforce_eager,
+        })
+        return out
+
+    if not config.multiprocessing:
+        engine = InprocCaptureEngine(config)
+        try:
+            ids = encode_prompts(AutoTokenizer.from_pretrained(str(engine.model_path)), prompts, chat=chat)
+            t0 = time.perf_counter()
+            results = trace_inproc(engine, ids, max_tokens, temperature, seed)
+            return write(engine, ids, results, time.perf_counter() - t0)
+        finally:
+            engine.shutdown()
+
     async def main() -> Path:
         engine = await CaptureEngine.start(config)
         try:
-            tok = AutoTokenizer.from_pretrained(str(engine.model_path))
-            ids = encode_prompts(tok, prompts, chat=chat)
+            ids = encode_prompts(AutoTokenizer.from_pretrained(str(engine.model_path)), prompts, chat=chat)
             t0 = time.perf_counter()
             results = await trace_with_engine(engine, ids, max_tokens, temperature, seed)
-            seconds = time.perf_counter() - t0
-            n_tok = sum(len(r["token_ids"]) for r in results)
-            log.info("traced %d prompts, %d tokens in %.2f s (%.1f tokens/s)", len(ids), n_tok, seconds,
-                     n_tok / max(seconds, 1e-9))
-            save_trace(results, out, {
-                "format": "alignlens-trace-v1", "model": str(engine.model_path), "dtype": config.dtype,
-                "vllm_version": vllm.__version__, "prompts": len(ids), "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed, "chat": chat,
-            })
-            return out
+            return write(engine, ids, results, time.perf_counter() - t0)
         finally:
             engine.shutdown()
 
     return asyncio.run(main())
+
+
+def trace_inproc(engine: InprocCaptureEngine, prompt_ids: list[list[int]], max_tokens: int,
+                 temperature: float = 0.0, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """The in-process (multiprocessing off) equivalent of `trace_with_engine`."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
+              for i in range(len(prompt_ids))]
+    results = []
+    for ids, (_out, joined) in zip(prompt_ids, engine.generate_captured(prompt_ids, params, resid=True)):
+        pairs = [record_tensors(m, r) for m, r in joined]
+        results.append({"prompt_token_ids": torch.tensor(ids, dtype=torch.int64),
+                        "token_ids": torch.tensor([r["token"] for _m, r in joined], dtype=torch.int64),
+                        "resid": torch.stack([p[0] for p in pairs]),
+                        "resid_mid": torch.stack([p[1] for p in pairs])})
+    return results
