@@ -1,0 +1,126 @@
+"""Capture inside vLLM's forward equals the transformers replica (issue 2).
+
+Fast configuration (multiprocessing off, eager) through the `alignlens trace` CLI for
+both architectures, with chunked prefill forced by a small token budget and prompts
+of different lengths batched together; the default configuration (torch.compile on,
+multiprocessing on, AsyncLLM) once, with concurrency, replay and abort.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from capture_check import check_rows, greedy_from_final, load_replica
+
+PROMPTS = [
+    "The capital of France is",
+    "def add(a, b):\n    return",
+    # long enough to be split over several chunked-prefill steps with a 64-token budget
+    " ".join(["1, 2, 3, 4, 5, 6, 7, 8, 9, 10."] * 12),
+    "Question: what is two plus two? Answer:",
+]
+
+
+def run_trace(model, out, *extra) -> dict:
+    cmd = [sys.executable, "-m", "service.cli", "trace", "--model", str(model), "--out", str(out),
+           "--max-tokens", "12", *extra]
+    for p in PROMPTS:
+        cmd += ["--prompt", p]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return {"meta": meta, "tensors": tensors}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_trace_inproc_matches_replica(arch, tiny_llama, tiny_gpt2, tmp_path):
+    model_dir = tiny_llama if arch == "llama" else tiny_gpt2
+    result = run_trace(model_dir, tmp_path / "t.safetensors", "--no-multiprocessing", "--enforce-eager",
+                       "--max-num-batched-tokens", "64", "--max-model-len", "512")
+    meta, t = result["meta"], result["tensors"]
+    assert meta["vllm_version"] == "0.32.0" and meta["dtype"] == "float32" and meta["model"] == str(model_dir)
+    model = load_replica(model_dir)
+    L = model.config.num_hidden_layers
+    for i in range(len(PROMPTS)):
+        prompt, tokens = t[f"{i}.prompt_token_ids"], t[f"{i}.token_ids"]
+        resid, mid = t[f"{i}.resid"], t[f"{i}.resid_mid"]
+        assert resid.shape == (len(tokens), L + 1, model.config.hidden_size)
+        assert mid.shape == (len(tokens), L, model.config.hidden_size)
+        check_rows(model, prompt, tokens, resid, mid)
+        assert torch.equal(greedy_from_final(model, resid), tokens)
+    assert len(t["2.prompt_token_ids"]) > 64, "the long prompt must span several prefill chunks"
+
+
+async def _default_config_session(model_dir):
+    from vllm import SamplingParams
+
+    from service.channel import record_tensors
+    from service.engine import CaptureEngine, EngineConfig
+    from service.trace import trace_with_engine
+
+    engine = await CaptureEngine.start(EngineConfig(model=str(model_dir), max_model_len=512,
+                                                    max_num_batched_tokens=64))
+    try:
+        assert engine.attach_info["model_class"] == "CaptureLlamaForCausalLM"
+        ids = [engine_tokenize(model_dir, p) for p in PROMPTS]
+        results = await trace_with_engine(engine, ids, max_tokens=12)
+        # teacher-forced replay of the same text, in one pass (the audit path)
+        replay = await engine.replay_captured("replay-0", ids[2], results[2]["token_ids"].tolist(), resid=True)
+        replay_resid = torch.stack([record_tensors(m, r)[0] for m, r in replay])
+        # a consumer that stops after two tokens aborts its request
+        agen = engine.generate_captured("abort-me", ids[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        seen = 0
+        async for _out, joined in agen:
+            seen += len(joined)
+            if seen >= 2:
+                break
+        await agen.aclose()
+        # one more request so the worker sees the abort in its next step
+        await trace_with_engine(engine, [ids[1]], max_tokens=2)
+        await asyncio.sleep(0.2)
+        stats = await engine.stats()
+        return results, replay_resid, stats
+    finally:
+        engine.shutdown()
+
+
+def engine_tokenize(model_dir, text):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))(text)["input_ids"]
+
+
+def test_default_config_compiled_multiprocessing(tiny_llama):
+    """torch.compile + multiprocessing + AsyncLLM: values, concurrency, replay, abort."""
+    results, replay_resid, stats = asyncio.run(_default_config_session(tiny_llama))
+    model = load_replica(tiny_llama)
+    for r in results:
+        check_rows(model, r["prompt_token_ids"], r["token_ids"], r["resid"], r["resid_mid"])
+        assert torch.equal(greedy_from_final(model, r["resid"]), r["token_ids"])
+    rel = ((replay_resid - results[2]["resid"]).norm() / results[2]["resid"].norm()).item()
+    assert rel <= 1e-4, f"replay differs from live capture: {rel:.2e}"
+    print(json.dumps(stats))
+    assert stats["worker"]["forward_calls"] > 0 and stats["worker"]["rows_sent"] > 0
+    assert stats["worker"]["pending_rows"] == 0
+    assert stats["worker"]["tracked_requests"] == 0, "aborted request still tracked in the worker"
+    assert stats["server"]["open_requests"] == 0 and stats["server"]["buffered_records"] == 0
+
+
+@pytest.mark.slow
+def test_default_model_trace_matches_transformers(default_model, tmp_path):
+    result = run_trace(default_model, tmp_path / "smol.safetensors", "--no-multiprocessing", "--enforce-eager")
+    t = result["tensors"]
+    model = load_replica(default_model)
+    for i in range(len(PROMPTS)):
+        check_rows(model, t[f"{i}.prompt_token_ids"], t[f"{i}.token_ids"], t[f"{i}.resid"], t[f"{i}.resid_mid"])
+        assert torch.equal(greedy_from_final(model, t[f"{i}.resid"]), t[f"{i}.token_ids"])
