@@ -1,0 +1,196 @@
+"""`alignlens bench`: what attribution costs, against stock vLLM, measured side by side.
+
+Phases (logged under the same names):
+  1. start   two engines in one client process, same model and vLLM settings: stock vLLM
+             (plugin not loaded) and the capture engine (plugin + probe in the worker)
+  2. measure for every repetition, batch size and mode in turn (modes alternate inside a
+             repetition so drift hits all modes alike): generated tokens/s, time to first
+             token and inter-token latency per request, all requests of a batch concurrent
+  3. report  median and spread (min..max) per (mode, batch), ratio to stock, peak RSS of
+             each engine's process tree; Markdown table and one JSON line
+
+Modes: `stock` (stock engine), `capture` (rows captured and joined, no probe),
+`attributed` (capture + alignment features + probe, detail=SUMMARY).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import psutil
+
+from service.engine import CaptureEngine, EngineConfig
+
+log = logging.getLogger(__name__)
+
+BENCH_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a hash map works, step by step.",
+    "List ten facts about the planet Mars.",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The history of the printing press begins",
+    "Translate to French: The weather is nice today and we are going to the beach.",
+]
+
+
+@dataclass
+class RunResult:
+    tokens: int
+    seconds: float
+    ttft_seconds: list[float] = field(default_factory=list)
+    itl_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+
+def _tree_rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+async def _one_request(engine: CaptureEngine, mode: str, rid: str, ids: list[int], max_tokens: int,
+                       t_submit: float, ttft: list, itl: list) -> int:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    last = None
+    n = 0
+    if mode == "stock":
+        stream = engine.llm.generate({"prompt_token_ids": ids}, params, rid)
+        async for out in stream:
+            now = time.perf_counter()
+            new = len(out.outputs[0].token_ids) - n
+            n += new
+            if last is None:
+                ttft.append(now - t_submit)
+            elif new:
+                itl.extend([(now - last) / new] * new)
+            last = now
+        return n
+    detail = 1 if mode == "attributed" else 0
+    async for out, joined in engine.generate_captured(rid, ids, params, detail=detail):
+        now = time.perf_counter()
+        if detail and joined and joined[0][1]["attr"] is None:
+            raise RuntimeError("attributed mode returned no attribution: is a probe loaded?")
+        new = len(joined)
+        n += new
+        if last is None:
+            ttft.append(now - t_submit)
+        elif new:
+            itl.extend([(now - last) / new] * new)
+        last = now
+    return n
+
+
+async def run_batch(engine: CaptureEngine, mode: str, prompts: list[list[int]], batch: int,
+                    max_tokens: int, tag: str) -> RunResult:
+    ttft: list[float] = []
+    itl: list[float] = []
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(
+        _one_request(engine, mode, f"bench-{tag}-{i}", prompts[i % len(prompts)], max_tokens, t0, ttft, itl)
+        for i in range(batch)))
+    return RunResult(sum(counts), time.perf_counter() - t0, ttft, itl)
+
+
+def summarize(results: dict[tuple[str, int], list[RunResult]]) -> dict:
+    out: dict = {}
+    for (mode, batch), runs in results.items():
+        tps = [r.tokens_per_second for r in runs]
+        ttft = [x for r in runs for x in r.ttft_seconds]
+        itl = [x for r in runs for x in r.itl_seconds]
+        out.setdefault(str(batch), {})[mode] = {
+            "tokens_per_second": statistics.median(tps), "tokens_per_second_min": min(tps),
+            "tokens_per_second_max": max(tps), "repetitions": len(runs),
+            "ttft_p50_seconds": _percentile(ttft, 0.5), "itl_p50_seconds": _percentile(itl, 0.5),
+            "itl_p99_seconds": _percentile(itl, 0.99),
+        }
+    for batch, modes in out.items():
+        stock = modes.get("stock", {}).get("tokens_per_second")
+        for mode, row in modes.items():
+            row["over_stock"] = row["tokens_per_second"] / stock if stock else None
+        if "attributed" in modes:
+            modes["stock_tokens_per_second"] = stock
+            modes["attributed_tokens_per_second"] = modes["attributed"]["tokens_per_second"]
+            modes["attributed_over_stock"] = modes["attributed"]["over_stock"]
+    return out
+
+
+async def bench_engines(config: EngineConfig, probe_path: str | None, batch_sizes: list[int],
+                        max_tokens: int, repetitions: int, modes: list[str]) -> dict:
+    from transformers import AutoTokenizer
+
+    me = psutil.Process()
+    engines: dict[str, CaptureEngine] = {}
+    pids: dict[str, list[int]] = {}
+    start_seconds: dict[str, float] = {}
+    for name, capture in (("stock", False), ("capture", True)):
+        if name == "stock" and "stock" not in modes:
+            continue
+        if name == "capture" and not {"capture", "attributed"} & set(modes):
+            continue
+        before = {p.pid for p in me.children(recursive=True)}
+        cfg = EngineConfig(**{**config.__dict__, "capture": capture})
+        log.info("start: %s engine", name)
+        engines[name] = await CaptureEngine.start(cfg, probe_path=probe_path if capture else None)
+        start_seconds[name] = engines[name].start_seconds
+        pids[name] = [p.pid for p in me.children(recursive=True) if p.pid not in before]
+    try:
+        model_path = next(iter(engines.values())).model_path
+        tok = AutoTokenizer.from_pretrained(str(model_path))
+        prompts = [tok(p)["input_ids"] for p in BENCH_PROMPTS]
+        results: dict[tuple[str, int], list[RunResult]] = {}
+        peak_rss: dict[str, int] = {name: 0 for name in engines}
+        for mode in modes:  # warm-up: first requests pay one-off costs
+            await run_batch(engines["stock" if mode == "stock" else "capture"], mode, prompts, 2, 8, f"warm-{mode}")
+        for rep in range(repetitions):
+            for batch in batch_sizes:
+                for mode in modes:
+                    eng = "stock" if mode == "stock" else "capture"
+                    r = await run_batch(engines[eng], mode, prompts, batch, max_tokens, f"{rep}-{batch}-{mode}")
+                    results.setdefault((mode, batch), []).append(r)
+                    peak_rss[eng] = max(peak_rss[eng], _tree_rss_bytes(pids[eng]))
+                    log.info("measure: rep %d batch %d %-10s %.1f tokens/s", rep, batch, mode, r.tokens_per_second)
+        summary = summarize(results)
+        return {"model": str(model_path), "max_tokens": max_tokens, "repetitions": repetitions,
+                "batches": summary, "engine_start_seconds": start_seconds,
+                "peak_rss_bytes": peak_rss, "probe": probe_path}
+    finally:
+        for eng in engines.values():
+            eng.shutdown()
+
+
+def markdown_table(report: dict) -> str:
+    lines = ["| batch | mode | tokens/s (median) | spread | ratio to stock | TTFT p50 ms | ITL p50 ms | ITL p99 ms |",
+             "|---:|---|---:|---|---:|---:|---:|---:|"]
+    for batch, modes in report["batches"].items():
+        for mode, row in modes.items():
+            if not isinstance(row, dict):
+                continue
+            ratio = f"{row['over_stock']:.3f}" if row.get("over_stock") else "-"
+            lines.append(f"| {batch} | {mode} | {row['tokens_per_second']:.1f} | "
+                         f"{row['tokens_per_second_min']:.1f}..{row['tokens_per_second_max']:.1f} "
+                         f"(n={row['repetitions']}) | {ratio} | {row['ttft_p50_seconds'] * 1e3:.1f} | "
+                         f"{row['itl_p50_seconds'] * 1e3:.2f} | {row['itl_p99_seconds'] * 1e3:.2f} |")
+    rss = ", ".join(f"{k}: {v / 2**30:.2f} GiB" for k, v in report["peak_rss_bytes"].items())
+    start = ", ".join(f"{k}: {v:.1f} s" for k, v in report["engine_start_seconds"].items())
+    lines += ["", f"Peak RSS (engine process tree): {rss}. Engine start: {start}."]
+    return "\n".join(lines)

@@ -1,0 +1,51 @@
+"""`alignlens bench`: attribution cost against stock vLLM (service/bench.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+
+from service.configs import add_config_args, config_from_args
+from service.engine import EngineConfig
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure stock vLLM vs capture vs full attribution, side by side")
+    p.add_argument("--probe", default=None, help="probe artifact (default: the shipped probe when --model default)")
+    p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated concurrent requests per run")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--repetitions", type=int, default=3, help="repetitions per (batch, mode), modes alternating")
+    p.add_argument("--modes", default="stock,capture,attributed", help="subset of stock,capture,attributed")
+    p.add_argument("--json", action="store_true", help="print the JSON report as the last line")
+    p.add_argument("--out", help="write the Markdown table to this file")
+    add_config_args(p, EngineConfig)
+    p.set_defaults(func=run)
+
+
+def default_probe(model: str) -> str | None:
+    from probe.artifact import shipped_probe_path  # noqa: PLC0415
+
+    return str(shipped_probe_path()) if model == "default" and shipped_probe_path() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.bench import bench_engines, markdown_table
+
+    config = config_from_args(EngineConfig, args)
+    modes = [m for m in args.modes.split(",") if m]
+    probe = args.probe
+    if probe is None and "attributed" in modes:
+        probe = default_probe(config.model)
+        if probe is None:
+            raise SystemExit("alignlens bench: mode 'attributed' needs --probe (no shipped probe for this model)")
+    report = asyncio.run(bench_engines(config, probe, [int(b) for b in args.batch_sizes.split(",")],
+                                       args.max_tokens, args.repetitions, modes))
+    table = markdown_table(report)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    print(table)
+    if args.json:
+        print(json.dumps(report))
+    return 0
