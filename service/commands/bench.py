@@ -25,9 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def default_probe(model: str) -> str | None:
-    from probe.artifact import shipped_probe_path  # noqa: PLC0415
+    from service.modelstore import shipped_probe_path
 
-    return str(shipped_probe_path()) if model == "default" and shipped_probe_path() else None
+    path = shipped_probe_path() if model == "default" else None
+    return str(path) if path else None
 
 
 def run(args: argparse.Namespace) -> int:

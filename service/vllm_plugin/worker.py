@@ -33,7 +33,7 @@ class AlignlensWorkerExtension:
         if probe_path and rank == 0:
             from probe.attribution import Attributor
 
-            attributor = Attributor.load(probe_path, checkpoint_dir, device=runner.device)
+            attributor = Attributor.load(probe_path, checkpoint_dir).to(runner.device)
         sender = CaptureSender(address) if rank == 0 else None
         capture.attach(runner, sender, attributor)
         return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None}
