@@ -8,9 +8,10 @@ Phases of one engine step, in the order vLLM runs them in the worker:
      token are copied out (index_select; this also detaches them from CUDA-graph
      buffers): the last row of each request whose sampled token is kept, and, for
      teacher-forced replay requests, every row that decides a completion token.
-  3. `_sample` (wrapped): the sampled token of each generation row becomes known; the
-     probe runs once, batched, over all rows of the step that asked for attribution,
-     and one compact message per step is PUSHed to the server (service/channel.py).
+  3. `_sample` (wrapped): the sampled token of each generation row becomes known.
+  4. emit (background thread by default, see BackgroundEmitter): the probe runs once,
+     batched, over all rows of the step that asked for attribution, and one compact
+     message per step is PUSHed to the server (service/channel.py).
 
 Per-request options travel in `SamplingParams.extra_args["alignlens"]`:
     rid          external request id (the engine appends a random suffix internally)
@@ -60,6 +61,7 @@ class CaptureState:
     active: dict[str, str] = field(default_factory=dict)  # internal id -> external id
     forward_calls: int = 0
     rows_sent: int = 0
+    emitter: "BackgroundEmitter | None" = None
 
     def stats(self) -> dict:
         return {
@@ -67,7 +69,7 @@ class CaptureState:
             "steps": self.step,
             "forward_calls": self.forward_calls,
             "rows_sent": self.rows_sent,
-            "pending_rows": len(self.rows),
+            "pending_rows": len(self.rows) + (self.emitter.backlog if self.emitter else 0),
             "tracked_requests": len(self.active),
             "probe_loaded": self.attributor is not None,
         }
@@ -132,7 +134,7 @@ def on_forward(stream: list[torch.Tensor]) -> None:
 
 
 def on_sampled(sampled_token_ids: torch.Tensor | None) -> None:
-    """Phase 3: join sampled tokens, run the probe, ship one message for the step."""
+    """Phase 3: join sampled tokens; hand the step to the emitter (inline or background)."""
     st = STATE
     if not st.rows:
         return
@@ -143,12 +145,22 @@ def on_sampled(sampled_token_ids: torch.Tensor | None) -> None:
         for r in rows:
             if r.kind == GEN:
                 r.token = int(sampled[r.batch_index]) if r.batch_index < len(sampled) else -1
-    rows_keep = [i for i, r in enumerate(rows) if r.token is not None and r.token >= 0]
+    st.step += 1
+    if st.emitter is not None:
+        st.emitter.submit(st.step, rows, tensors)
+    else:
+        emit_step(st.step, rows, tensors)
+
+
+def emit_step(step: int, rows: list[_Row], tensors: torch.Tensor) -> None:
+    """Run the probe once over the step's rows that asked for it; PUSH one message."""
+    st = STATE
+    keep = [i for i, r in enumerate(rows) if r.token is not None and r.token >= 0]
     resid = tensors[:, 0::2]  # [rows, L+1, d]
     mid = tensors[:, 1::2]  # [rows, L, d]
     attrs: dict[int, dict] = {}
     attr_seconds = 0.0
-    want = [i for i in rows_keep if rows[i].detail > 0]
+    want = [i for i in keep if rows[i].detail > 0]
     if want and st.attributor is not None:
         t0 = time.perf_counter()
         sel = torch.tensor(want, dtype=torch.long, device=tensors.device)
@@ -158,11 +170,11 @@ def on_sampled(sampled_token_ids: torch.Tensor | None) -> None:
         for i, res in zip(want, results):
             attrs[i] = res.to_dict()
         attr_seconds = time.perf_counter() - t0
-    ship_any = any(rows[i].ship_resid for i in rows_keep)
+    ship_any = any(rows[i].ship_resid for i in keep)
     resid_cpu = resid.detach().to("cpu").contiguous() if ship_any else None
     mid_cpu = mid.detach().to("cpu").contiguous() if ship_any else None
     records = []
-    for i in rows_keep:
+    for i in keep:
         r = rows[i]
         rec = {"rid": r.rid, "kind": r.kind, "index": r.index, "token": r.token,
                "attr": attrs.get(i), "resid": None, "resid_mid": None}
@@ -170,16 +182,60 @@ def on_sampled(sampled_token_ids: torch.Tensor | None) -> None:
             rec["resid"] = resid_cpu[i].numpy().tobytes()
             rec["resid_mid"] = mid_cpu[i].numpy().tobytes()
         records.append(rec)
-    st.step += 1
     if st.sender is not None and records:
-        L = mid.shape[1]
-        st.sender.send({"step": st.step, "attr_seconds": attr_seconds, "L": L, "d": tensors.shape[-1],
+        st.sender.send({"step": step, "attr_seconds": attr_seconds, "L": mid.shape[1], "d": tensors.shape[-1],
                         "dtype": str(np.dtype(str(tensors.dtype).removeprefix("torch."))),
                         "records": records})
         st.rows_sent += len(records)
 
 
-def attach(runner, sender: CaptureSender | None, attributor=None) -> None:
+class BackgroundEmitter:
+    """Runs `emit_step` off the engine's critical path, in FIFO order, on one thread.
+
+    The rows were copied out of the model's buffers in phase 2, so step t+1 can run while
+    the probe works on step t. On CPU the thread moves itself to the cores the worker is
+    not pinned to (vLLM pins the worker to one core and leaves the other mostly idle).
+    Records then reach the server slightly after their tokens; the server joins by index.
+    """
+
+    def __init__(self):
+        import os
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue()
+        worker_cpus = os.sched_getaffinity(0)
+        self._cpus = set(range(os.cpu_count() or 1)) - worker_cpus
+        self._thread = threading.Thread(target=self._run, name="alignlens-emitter", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import os
+
+        if self._cpus:
+            try:
+                os.sched_setaffinity(0, self._cpus)  # this thread only
+            except OSError as exc:
+                log.warning("emitter could not move to cores %s: %s", sorted(self._cpus), exc)
+        torch.set_num_threads(1)
+        while True:
+            item = self._queue.get()
+            try:
+                emit_step(*item)
+            except Exception:  # a failed step must not stop later steps' records
+                log.exception("alignlens: attribution of step %d failed", item[0])
+            finally:
+                self._queue.task_done()
+
+    def submit(self, step: int, rows: list[_Row], tensors: torch.Tensor) -> None:
+        self._queue.put((step, rows, tensors))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+
+def attach(runner, sender: CaptureSender | None, attributor=None, background: bool = True) -> None:
     """Wrap the runner's step phases (instance attributes; the class is untouched)."""
     st = STATE
     if st.runner is not runner:
@@ -207,3 +263,7 @@ def attach(runner, sender: CaptureSender | None, attributor=None) -> None:
     if st.sender is not None and st.sender is not sender:
         st.sender.close()
     st.runner, st.sender, st.attributor = runner, sender, attributor
+    if background and st.emitter is None:
+        st.emitter = BackgroundEmitter()
+    elif not background:
+        st.emitter = None

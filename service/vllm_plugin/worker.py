@@ -8,6 +8,7 @@ ranks at block boundaries, VLLM_NOTES.md).
 from __future__ import annotations
 
 import logging
+import os
 
 from service.channel import CaptureSender
 from service.vllm_plugin import capture
@@ -35,7 +36,9 @@ class AlignlensWorkerExtension:
 
             attributor = Attributor.load(probe_path, checkpoint_dir).to(runner.device)
         sender = CaptureSender(address) if rank == 0 else None
-        capture.attach(runner, sender, attributor)
+        # Attribution off the critical path unless ALIGNLENS_BACKGROUND_ATTRIBUTION=0 (bench, debugging).
+        background = os.environ.get("ALIGNLENS_BACKGROUND_ATTRIBUTION", "1") != "0"
+        capture.attach(runner, sender, attributor, background=background)
         return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None}
 
     def alignlens_stats(self) -> dict:
