@@ -29,10 +29,12 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one `--flag` per field of dataclass `cls`, with env-var defaults."""
+def add_config_args(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """Add one `--flag` per field of dataclass `cls` (except those in `exclude`), with env-var defaults."""
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         typ = hints[f.name]
         env = _env_name(f.name)
         default: Any = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

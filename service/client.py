@@ -1,0 +1,155 @@
+"""A Python client for the attribution service (synchronous; thread-safe like a grpc channel).
+
+    with AttributionClient("localhost:50051") as client:
+        client.wait_ready()
+        stream = client.generate("The capital of France is", max_tokens=8, temperature=0)
+        for token in stream:                      # pb2.Token, one per emitted token
+            print(token.text, token.attribution.crystallization_layer)
+        print(stream.finished.finish_reason)      # pb2.Finished, once the stream ended
+        audit = client.audit(stream.finished.prompt_token_ids, [t.token_id for t in stream.tokens])
+
+Prompts are given as text (str), token ids (list[int]) or chat turns (list of
+{"role", "content"} dicts). Errors are grpc.RpcError; `field_violations(err)` reads which
+request field an INVALID_ARGUMENT named.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.protos_build import load
+
+pb2, pb2_grpc = load()
+
+DEFAULT_TARGET = "localhost:50051"
+DETAILS = {"unspecified": pb2.ATTRIBUTION_DETAIL_UNSPECIFIED, "none": pb2.ATTRIBUTION_DETAIL_NONE,
+           "summary": pb2.ATTRIBUTION_DETAIL_SUMMARY, "full": pb2.ATTRIBUTION_DETAIL_FULL}
+_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+PromptLike = str | Sequence[int] | Sequence[dict]
+
+
+def make_prompt(prompt: PromptLike) -> "pb2.Prompt":
+    """str -> text, list of ints -> token ids, list of {"role", "content"} -> chat."""
+    if isinstance(prompt, str):
+        return pb2.Prompt(text=prompt)
+    items = list(prompt)
+    if items and all(isinstance(m, dict) for m in items):
+        return pb2.Prompt(chat=pb2.Chat(messages=[pb2.ChatMessage(role=m["role"], content=m["content"])
+                                                  for m in items]))
+    return pb2.Prompt(token_ids=pb2.TokenIds(ids=items))
+
+
+def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
+    """(field, description) pairs of an INVALID_ARGUMENT's google.rpc.BadRequest detail."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    out = []
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            out += [(v.field, v.description) for v in bad.field_violations]
+    return out
+
+
+class GenerateStream:
+    """Iterate for pb2.Token messages; afterwards `finished` is the pb2.Finished message."""
+
+    def __init__(self, call):
+        self._call = call
+        self.request_id = ""
+        self.tokens: list = []  # every Token received so far
+        self.finished = None
+
+    def __iter__(self) -> Iterator:
+        for response in self._call:
+            self.request_id = response.request_id
+            if response.HasField("token"):
+                self.tokens.append(response.token)
+                yield response.token
+            else:
+                self.finished = response.finished
+
+    def cancel(self) -> None:
+        """Cancel the call; the server aborts the engine request."""
+        self._call.cancel()
+
+    @property
+    def text(self) -> str:
+        return "".join(t.text for t in self.tokens)
+
+
+class AttributionClient:
+    """Client of alignlens.v1.AttributionService plus the standard health service."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None):
+        self.target = target
+        self.timeout_s = timeout_s  # default deadline of every call (None: none)
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                                                              ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)])
+        self.stub = pb2_grpc.AttributionServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> "AttributionClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _timeout(self, timeout_s: float | None) -> float | None:
+        return timeout_s if timeout_s is not None else self.timeout_s
+
+    def generate(self, prompt: PromptLike, *, max_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+                 stop: Sequence[str] = (), ignore_eos: bool = False, detail: str = "unspecified",
+                 request_id: str = "", timeout_s: float | None = None) -> GenerateStream:
+        """Start a Generate stream (unset sampling fields take the server's defaults)."""
+        sampling = pb2.SamplingParameters(stop=list(stop), ignore_eos=ignore_eos)
+        for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                            ("top_k", top_k), ("seed", seed)):
+            if value is not None:
+                setattr(sampling, name, value)
+        request = pb2.GenerateRequest(prompt=make_prompt(prompt), sampling=sampling, detail=DETAILS[detail],
+                                      request_id=request_id)
+        return GenerateStream(self.stub.Generate(request, timeout=self._timeout(timeout_s)))
+
+    def audit(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
+              request_id: str = "", timeout_s: float | None = None) -> "pb2.AuditResponse":
+        """Attribute a logged completion (text, or token ids for an exact replay)."""
+        request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAILS[detail], request_id=request_id)
+        if isinstance(completion, str):
+            request.completion_text = completion
+        else:
+            request.completion_token_ids.ids.extend(completion)
+        return self.stub.Audit(request, timeout=self._timeout(timeout_s))
+
+    def model_info(self, timeout_s: float | None = None) -> "pb2.ModelInfo":
+        return self.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
+
+    def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
+        """The health status name: SERVING, NOT_SERVING, ... (UNAVAILABLE if unreachable)."""
+        try:
+            response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.RpcError as err:
+            return err.code().name
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.5) -> None:
+        """Block until health is SERVING (the engine takes a while to start)."""
+        deadline = time.monotonic() + timeout_s
+        status = "UNKNOWN"
+        while time.monotonic() < deadline:
+            status = self.health()
+            if status == "SERVING":
+                return
+            time.sleep(poll_s)
+        raise TimeoutError(f"{self.target} not SERVING after {timeout_s:.0f} s (last status {status})")

@@ -1,0 +1,397 @@
+"""The gRPC service end to end: the real `alignlens serve` process on loopback, the real client.
+
+One server per module (engine start-up dominates: ~30-60 s eager here) hosting a tiny random
+Llama with an untrained probe artifact made for it: these tests check the plumbing (fields,
+shapes, live/audit agreement, concurrency, cancellation, validation, metrics, health,
+reflection, drain), not the science; probe quality is tested in tests/test_probe_*.
+Tests run in file order; the last one drains the shared server with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.client import AttributionClient, field_violations, pb2
+from service.messages import token_to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_MODEL_LEN = 512
+SLOTS, MAX_QUEUE = 8, 2
+PROMPTS = ["The capital of France is", "def add(a, b):", "1, 2, 3, 4, 5,", "Question: what is two plus two?",
+           "Lists: apples, pears,", "The quick brown fox", "return a + b", "Answer: four."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`alignlens serve` as a child process, with a client and a /metrics reader."""
+
+    def __init__(self, model: Path, log_path: Path, *extra: str):
+        self.port, self.metrics_port = _free_port(), _free_port()
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+               "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(SLOTS), "--max-queue", str(MAX_QUEUE),
+               "--health-poll-seconds", "0.2", "--grace-period-seconds", "30", *extra]
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = AttributionClient(f"127.0.0.1:{self.port}", timeout_s=120)
+
+    def wait_ready(self, timeout_s: float = 400) -> "ServerProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.client.health() == "SERVING":
+                return self
+            time.sleep(0.5)
+        pytest.fail(f"server not SERVING after {timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """{(sample name, sorted label items): value} scraped from /metrics."""
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    def wait_metric(self, name: str, value: float, timeout_s: float = 10.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        while (got := self.metrics()[(name, ())]) != value and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return got
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def make_probe_artifact(model: Path, out: Path, fingerprint: str | None = None) -> Path:
+    """An untrained probe artifact for `model` (or claiming `fingerprint`)."""
+    from probe.artifact import save_artifact
+    from probe.fingerprint import host_fingerprint
+    from probe.host import Host
+    from probe.model import ProbeConfig, ProbeModel
+
+    host = Host.from_checkpoint(model)
+    import torch
+
+    torch.manual_seed(0)
+    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=8, width=32, n_encoder_layers=1, n_heads=2,
+                      ablation_width=16, top_k=8)
+    return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": fingerprint or host_fingerprint(host),
+                                                       "k": 8, "family_map": host.describe()})
+
+
+@pytest.fixture(scope="module")
+def probe_path(tiny_llama, tmp_path_factory) -> Path:
+    return make_probe_artifact(tiny_llama, tmp_path_factory.mktemp("probe") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, probe_path, tmp_path_factory):
+    srv = ServerProcess(tiny_llama, tmp_path_factory.mktemp("serve") / "server.log", "--probe", str(probe_path),
+                        "--enforce-eager")
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+def _generate(client, prompt, **kw) -> tuple[list[dict], object]:
+    stream = client.generate(prompt, **kw)
+    tokens = [token_to_dict(t) for t in stream]
+    return tokens, stream.finished
+
+
+def test_health_reflection_and_model_info(server, tiny_llama, probe_path):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    from probe.fingerprint import host_fingerprint
+    from probe.host import Host
+
+    assert server.client.health() == "SERVING"
+    assert server.client.health("alignlens.v1.AttributionService") == "SERVING"
+    services = ProtoReflectionDescriptorDatabase(server.client.channel).get_services()
+    assert {"alignlens.v1.AttributionService", "grpc.health.v1.Health"} <= set(services)
+    info = server.client.model_info()
+    assert (info.n_layers, info.d_model, list(info.families), info.k) == (4, 256, ["qkv", "attn_out", "mlp_in"], 8)
+    assert info.fingerprint == host_fingerprint(Host.from_checkpoint(tiny_llama))
+    assert info.max_model_len == MAX_MODEL_LEN and info.probe.loaded and info.probe.path == str(probe_path)
+    assert info.probe.fingerprint == info.fingerprint and info.probe.metadata["k"] == 8
+
+
+def test_generate_fields_and_shapes(server, tiny_llama):
+    from transformers import AutoTokenizer
+
+    info = server.client.model_info()
+    L = info.n_layers
+    tokens, fin = _generate(server.client, PROMPTS[0], max_tokens=20, temperature=0, ignore_eos=True,
+                            detail="full", request_id="shapes-1")
+    assert [t["index"] for t in tokens] == list(range(20))
+    assert fin.finish_reason == pb2.FINISH_REASON_LENGTH and fin.completion_tokens == 20
+    assert fin.prompt_tokens == len(fin.prompt_token_ids) > 0
+    assert 0 < fin.time_to_first_token_seconds <= fin.e2e_seconds and fin.queue_seconds >= 0
+    for t in tokens:
+        a = t["attribution"]
+        assert 0 <= t["token_id"] < info.vocab_size and t["logprob"] <= 0
+        assert len(a["layer_gain"]) == L + 1 and len(a["layer_importance"]) == L + 1
+        assert len(a["family_importance"]) == L and all(len(r) == 3 for r in a["family_importance"])
+        assert len(a["family_attribution"]) == L
+        assert 0 <= a["crystallization_layer"] <= L + 1 and 0 < a["probe_prob"] <= 1
+        assert a["token_id"] == t["token_id"] and a["top_directions"]
+        assert all(1 <= d["layer"] <= L and d["family"] in info.families and d["index"] < info.k
+                   for d in a["top_directions"])
+        # vLLM's sampler logprob and the probe's host logprob come from the same logits
+        assert math.isclose(a["host_logprob"], t["logprob"], rel_tol=1e-3, abs_tol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert list(fin.prompt_token_ids) == tokenizer(PROMPTS[0])["input_ids"]
+    ids = [t["token_id"] for t in tokens]
+    assert "".join(t["text"] for t in tokens) == tokenizer.decode(ids, skip_special_tokens=True)
+    summary, _ = _generate(server.client, PROMPTS[0], max_tokens=4, temperature=0, detail="summary")
+    assert summary[0]["attribution"]["top_directions"] == [] and summary[0]["attribution"]["layer_gain"]
+    plain, _ = _generate(server.client, PROMPTS[0], max_tokens=4, temperature=0, detail="none")
+    assert plain[0]["attribution"] is None and [t["token_id"] for t in plain] == ids[:4]
+
+
+def _close(a, b, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
+    return abs(a - b) <= atol + rtol * max(abs(a), abs(b))
+
+
+def test_live_and_audit_agree(server):
+    """Live decode rows and one teacher-forced replay pass give the same attributions."""
+    continuous = ("layer_gain", "layer_importance", "family_importance", "family_attribution", "probe_prob",
+                  "host_logprob")
+    discrete_same, discrete_total, worst = 0, 0, 0.0
+    for prompt in PROMPTS[:4]:
+        live, fin = _generate(server.client, prompt, max_tokens=32, temperature=0, ignore_eos=True, detail="full")
+        audit = server.client.audit(list(fin.prompt_token_ids), [t["token_id"] for t in live], detail="full")
+        replayed = [token_to_dict(t) for t in audit.tokens]
+        assert [t["token_id"] for t in replayed] == [t["token_id"] for t in live]
+        assert "".join(t["text"] for t in replayed) == "".join(t["text"] for t in live)
+        for a, b in zip(live, replayed, strict=True):
+            la, lb = a["attribution"], b["attribution"]
+            for name in continuous:
+                assert _close(la[name], lb[name]), (name, la[name], lb[name])
+            worst = max(worst, max(abs(x - y) for x, y in zip(la["layer_gain"], lb["layer_gain"], strict=True)))
+            for name in ("crystallization_layer", "probe_top1"):
+                discrete_same += la[name] == lb[name]
+                discrete_total += 1
+            discrete_same += [(d["layer"], d["family"], d["index"]) for d in la["top_directions"]] == \
+                [(d["layer"], d["family"], d["index"]) for d in lb["top_directions"]]
+            discrete_total += 1
+    assert discrete_same >= 0.99 * discrete_total, (discrete_same, discrete_total)
+    print(f"live vs audit: max |layer_gain| difference {worst:.2e} nats; discrete {discrete_same}/{discrete_total}")
+
+
+def test_eight_concurrent_streams(server):
+    results: dict[int, tuple[list[dict], object]] = {}
+
+    def run(i: int) -> None:
+        results[i] = _generate(server.client, PROMPTS[i], max_tokens=32, temperature=0.8, seed=i, ignore_eos=True,
+                               detail="summary", request_id=f"concurrent-{i}")
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(results) == list(range(8))
+    for tokens, fin in results.values():
+        assert [t["index"] for t in tokens] == list(range(32)) and fin.completion_tokens == 32
+        assert all(t["attribution"] is not None for t in tokens)
+    assert server.wait_metric("alignlens_requests_running", 0) == 0
+
+
+def test_cancel_and_deadline_free_everything(server):
+    stream = server.client.generate(PROMPTS[1], max_tokens=400, ignore_eos=True, detail="summary")
+    for n, _token in enumerate(stream):
+        if n == 4:
+            stream.cancel()
+            break
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.client.generate(PROMPTS[2], max_tokens=400, ignore_eos=True, detail="summary", timeout_s=0.5))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for name in ("alignlens_requests_running", "alignlens_capture_open_requests", "alignlens_capture_buffered_records",
+                 "alignlens_capture_worker_requests"):
+        assert server.wait_metric(name, 0) == 0, name
+    m = server.metrics()
+    assert m[("alignlens_requests_total", (("code", "CANCELLED"), ("rpc", "Generate")))] >= 1
+    assert m[("alignlens_requests_total", (("code", "DEADLINE_EXCEEDED"), ("rpc", "Generate")))] >= 1
+
+
+def _gen(prompt=None, detail=pb2.ATTRIBUTION_DETAIL_NONE, request_id="", **sampling) -> "pb2.GenerateRequest":
+    return pb2.GenerateRequest(prompt=prompt, sampling=pb2.SamplingParameters(**sampling), detail=detail,
+                               request_id=request_id)
+
+
+def _chat(*roles: str) -> "pb2.Prompt":
+    return pb2.Prompt(chat=pb2.Chat(messages=[pb2.ChatMessage(role=r, content="hi") for r in roles]))
+
+
+TEXT = pb2.Prompt(text="Hello")
+BAD_GENERATE = [  # (request, the field the error must name)
+    (_gen(), "prompt"),
+    (_gen(pb2.Prompt(text="")), "prompt.text"),
+    (_gen(pb2.Prompt(token_ids=pb2.TokenIds(ids=[]))), "prompt.token_ids.ids"),
+    (_gen(pb2.Prompt(token_ids=pb2.TokenIds(ids=[5, 10**6]))), "prompt.token_ids.ids"),
+    (_gen(pb2.Prompt(token_ids=pb2.TokenIds(ids=[5] * 500)), max_tokens=100), "sampling.max_tokens"),
+    (_gen(pb2.Prompt(token_ids=pb2.TokenIds(ids=[5] * MAX_MODEL_LEN))), "prompt"),
+    (_gen(TEXT, max_tokens=0), "sampling.max_tokens"),
+    (_gen(TEXT, temperature=3.0), "sampling.temperature"),
+    (_gen(TEXT, temperature=float("nan")), "sampling.temperature"),
+    (_gen(TEXT, top_p=0.0), "sampling.top_p"),
+    (_gen(TEXT, top_p=1.5), "sampling.top_p"),
+    (_gen(TEXT, top_k=10**6), "sampling.top_k"),
+    (_gen(TEXT, seed=2**64 - 1), "sampling.seed"),
+    (_gen(TEXT, stop=["x"] * 17), "sampling.stop"),
+    (_gen(TEXT, stop=[""]), "sampling.stop[0]"),
+    (_gen(_chat("user", "robot")), "prompt.chat.messages[1].role"),
+    (_gen(pb2.Prompt(chat=pb2.Chat())), "prompt.chat.messages"),
+    (_gen(TEXT, detail=7), "detail"),
+    (_gen(TEXT, request_id="x" * 200), "request_id"),
+]
+BAD_AUDIT = [
+    (pb2.AuditRequest(prompt=TEXT), "completion"),
+    (pb2.AuditRequest(prompt=TEXT, completion_text=""), "completion_text"),
+    (pb2.AuditRequest(prompt=TEXT, completion_token_ids=pb2.TokenIds(ids=[10**6])), "completion_token_ids.ids"),
+    (pb2.AuditRequest(prompt=TEXT, completion_token_ids=pb2.TokenIds(ids=[5] * MAX_MODEL_LEN)), "completion"),
+]
+
+
+def test_bad_inputs_are_invalid_argument_and_harmless(server):
+    stub = server.client.stub
+    for request, field in BAD_GENERATE + BAD_AUDIT:
+        with pytest.raises(grpc.RpcError) as err:
+            if isinstance(request, pb2.AuditRequest):
+                stub.Audit(request, timeout=30)
+            else:
+                list(stub.Generate(request, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, err.value.details())
+        assert [f for f, _ in field_violations(err.value)] == [field], (field, err.value.details())
+        assert field.split("[")[0].split(".")[-1] in err.value.details()
+    assert server.client.health() == "SERVING"
+    tokens, fin = _generate(server.client, "Hello", max_tokens=3, detail="none")
+    assert len(tokens) == 3 and fin.completion_tokens == 3
+    n_bad = len(BAD_GENERATE) + len(BAD_AUDIT)
+    m = server.metrics()
+    assert sum(v for (name, labels), v in m.items() if name == "alignlens_requests_total"
+               and ("code", "INVALID_ARGUMENT") in labels) == n_bad
+
+
+def test_full_queue_is_resource_exhausted(server):
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+    go = threading.Barrier(SLOTS + MAX_QUEUE + 4)
+
+    def run() -> None:
+        go.wait()
+        try:
+            _generate(server.client, PROMPTS[3], max_tokens=200, ignore_eos=True, detail="none")
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code = err.code()
+        with lock:
+            codes.append(code)
+
+    threads = [threading.Thread(target=run) for _ in range(SLOTS + MAX_QUEUE + 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.OK) >= SLOTS + MAX_QUEUE and grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert server.wait_metric("alignlens_requests_waiting", 0) == 0
+
+
+def test_metrics_parse_with_the_right_names(server):
+    m = server.metrics()
+    names = {name for name, _labels in m}
+    for base in ("alignlens_time_to_first_token_seconds", "alignlens_inter_token_latency_seconds",
+                 "alignlens_e2e_request_latency_seconds", "alignlens_queue_time_seconds",
+                 "alignlens_attribution_step_seconds", "alignlens_crystallization_layer"):
+        assert {base + "_bucket", base + "_count", base + "_sum"} <= names, base
+    for counter in ("alignlens_requests_total", "alignlens_prompt_tokens_total", "alignlens_generation_tokens_total",
+                    "alignlens_attributed_tokens_total", "alignlens_probe_top1_total",
+                    "alignlens_family_importance_share_total"):
+        assert counter in names, counter
+    assert m[("alignlens_queue_capacity", ())] == MAX_QUEUE
+    assert m[("alignlens_engine_healthy", ())] == 1
+    ok = m[("alignlens_requests_total", (("code", "OK"), ("rpc", "Generate")))]
+    assert ok >= 20 and m[("alignlens_time_to_first_token_seconds_count", ())] >= ok
+    assert m[("alignlens_generation_tokens_total", ())] >= 20 * 3
+    attributed = m[("alignlens_attributed_tokens_total", ())]
+    assert attributed > 0 and 0 <= m[("alignlens_probe_top1_total", ())] <= attributed
+    assert m[("alignlens_attribution_step_seconds_count", ())] > 0
+    L = server.client.model_info().n_layers
+    buckets = [float(dict(labels)["le"]) for name, labels in m if name == "alignlens_crystallization_layer_bucket"]
+    assert sorted(buckets) == [*map(float, range(L + 2)), math.inf]
+    assert m[("alignlens_crystallization_layer_count", ())] == attributed
+    shares = sum(m[("alignlens_family_importance_share_total", (("family", f),))]
+                 for f in ("qkv", "attn_out", "mlp_in"))
+    assert 0 < shares <= attributed + 1e-6  # each token's shares sum to 1 (or 0 if nothing supported it)
+    assert not any("request_id" in dict(labels) for _name, labels in m)
+
+
+def test_probe_for_another_model_stops_startup(tiny_llama, tmp_path):
+    fake = make_probe_artifact(tiny_llama, tmp_path / "other.safetensors", fingerprint="0" * 64)
+    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe",
+                          str(fake), "--port", str(_free_port()), "--metrics-port", str(_free_port())],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "fingerprint 0000000000000000..." in out.stderr and "cannot start" in out.stderr
+
+
+def test_sigterm_drains_in_flight_streams(server):
+    """Last test of the module: it stops the shared server."""
+    stream = server.client.generate(PROMPTS[4], max_tokens=300, ignore_eos=True, detail="summary")
+    received: list = []
+    first = threading.Event()
+
+    def consume() -> None:
+        for token in stream:
+            received.append(token)
+            first.set()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    assert first.wait(60)
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while server.client.health() == "SERVING" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.client.health() == "NOT_SERVING"
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.client.generate("Hello", max_tokens=2, detail="none"))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    consumer.join(60)
+    assert len(received) == 300 and stream.finished is not None and stream.finished.completion_tokens == 300
+    assert server.proc.wait(60) == 0, server.log_tail()
+    assert "draining 1 requests" in server.log_path.read_text()
