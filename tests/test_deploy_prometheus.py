@@ -1,0 +1,222 @@
+"""A real Prometheus scrapes a real `alignlens serve` while it serves (issue 6, item 5).
+
+The server runs a tiny random Llama (tests/tiny_models.py) with an untrained probe artifact made
+for that checkpoint, eager and with multiprocessing as in production. Prometheus (Debian's
+package) runs on loopback with deploy/prometheus's recording and alert rules and a 1 s scrape
+interval. The test sends a few Generate calls, one invalid one and one GetModelInfo, then checks
+through Prometheus's HTTP query API that every alignlens_ series arrived and agrees with what the
+client saw: request counts per rpc/code, token counts, histogram counts, queue gauges, attribution
+counters, the 0 -> 1 engine-health transition, the recording rules, and that no alert fires.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from prometheus_harness import PrometheusServer, free_port
+from test_deploy import METRICS, RULE_FILES
+
+pytestmark = pytest.mark.slow
+
+N_GENERATE = 3
+MAX_TOKENS = 8
+MAX_QUEUE = 8
+START_TIMEOUT_S = 300
+
+
+def _require_server() -> None:
+    import shutil
+
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not installed (run deploy/scripts/install-tools.sh)")
+    try:
+        import service.commands.serve  # noqa: F401
+        import service.server  # noqa: F401
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"`alignlens serve` is not built yet ({exc.name} missing)")
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+
+
+def _tiny_probe(checkpoint: Path, out: Path) -> Path:
+    """An untrained probe artifact for `checkpoint`: attributions are meaningless, but every
+    attribution metric is produced exactly as with a trained one."""
+    import torch
+
+    from probe.artifact import save_artifact
+    from probe.fingerprint import host_fingerprint
+    from probe.host import Host
+    from probe.model import ProbeConfig, ProbeModel
+
+    host = Host.from_checkpoint(checkpoint)
+    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=8, width=32, n_encoder_layers=1,
+                      n_heads=2, ablation_width=16, top_k=8)
+    torch.manual_seed(0)
+    return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": host_fingerprint(host), "k": cfg.k})
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, log: Path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"alignlens serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    pytest.fail(f"not SERVING after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+
+
+def _traffic(address: str) -> dict:
+    """The client's own account of what it sent and received."""
+    import grpc
+
+    from service.protos_build import load
+
+    pb2, pb2_grpc = load()
+    seen = {"tokens": 0, "prompt_tokens": 0, "streams": 0}
+    with grpc.insecure_channel(address) as channel:
+        stub = pb2_grpc.AttributionServiceStub(channel)
+        for i in range(N_GENERATE):
+            request = pb2.GenerateRequest(prompt=pb2.Prompt(text=f"The capital of France is {i}"),
+                                          sampling=pb2.SamplingParameters(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                                          ignore_eos=True),
+                                          request_id=f"deploy-test-{i}")
+            for message in stub.Generate(request, timeout=120):
+                if message.HasField("token"):
+                    seen["tokens"] += 1
+                else:
+                    seen["prompt_tokens"] += message.finished.prompt_tokens
+            seen["streams"] += 1
+        bad = pb2.GenerateRequest(prompt=pb2.Prompt(text="x"), sampling=pb2.SamplingParameters(temperature=5.0))
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(bad, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        info = stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=30)
+        assert info.probe.loaded, info.probe.unavailable_reason
+    return seen
+
+
+def test_prometheus_scrapes_a_serving_alignlens(tiny_llama, tmp_path):
+    _require_server()
+    grpc_port, metrics_port = free_port(), free_port()
+    probe_path = _tiny_probe(tiny_llama, tmp_path / "probe" / "tiny.safetensors")
+    log = tmp_path / "serve.log"
+    env = dict(os.environ, ALIGNLENS_HOME=str(tmp_path / "home"), ALIGNLENS_RUNTIME_DIR=str(tmp_path / "runtime"),
+               ALIGNLENS_METRICS_HOST="127.0.0.1")
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe", str(probe_path),
+           "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
+           "--max-queue", str(MAX_QUEUE), "--kv-cache-gib", "1", "--enforce-eager", "--max-model-len", "256"]
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "scrape_configs": [{"job_name": "alignlens", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            with PrometheusServer(tmp_path / "prometheus", config, RULE_FILES) as prom:
+                address = f"127.0.0.1:{grpc_port}"
+                _wait_serving(address, server, log)
+                seen = _traffic(address)
+                _check_series(prom, seen)
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=60) == 0, log.read_text()[-4000:]
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+
+
+def _wait_for(prom: PrometheusServer, expr: str, want: float, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if prom.value(expr) == want:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{expr} = {prom.value(expr)} after {timeout_s} s, wanted {want}")
+
+
+def _declared_buckets(name: str, n_layers: int) -> list[float]:
+    """The bucket bounds service/metrics.py declares for histogram `name` (with +Inf)."""
+    from service.metrics import ServiceMetrics
+
+    registry = ServiceMetrics(n_layers=n_layers, max_queue=MAX_QUEUE).registry
+    return sorted(float(s.labels["le"]) for m in registry.collect() if m.name == name
+                  for s in m.samples if s.name == name + "_bucket")
+
+
+def _check_series(prom: PrometheusServer, seen: dict) -> None:
+    job = '{job="alignlens"}'
+    # Wait for the scrape after the last request, then for one rule evaluation after that.
+    _wait_for(prom, 'sum(alignlens_requests_total{rpc="GetModelInfo", code="OK"})', 1)
+    time.sleep(2.5)
+    value = prom.value
+
+    assert value(f"up{job}") == 1
+    names = {r["metric"]["__name__"] for r in prom.query('{__name__=~"alignlens_.+", job="alignlens"}')}
+    for name, kind in METRICS.items():
+        expected = {"histogram": name + "_count", "counter": name + "_total", "gauge": name}[kind]
+        assert expected in names, f"{expected} never arrived"
+
+    # Engine health: 0 while the engine started, 1 since.
+    assert value(f"alignlens_engine_healthy{job}") == 1
+    assert value(f"min_over_time(alignlens_engine_healthy{job}[10m])") == 0
+
+    # Requests, by rpc and code, as the client saw them.
+    assert value('alignlens_requests_total{rpc="Generate", code="OK"}') == N_GENERATE
+    assert value('alignlens_requests_total{rpc="Generate", code="INVALID_ARGUMENT"}') == 1
+    assert value('alignlens_requests_total{rpc="GetModelInfo", code="OK"}') == 1
+    assert seen["tokens"] == N_GENERATE * MAX_TOKENS  # ignore_eos: every stream runs to max_tokens
+    assert value(f"alignlens_generation_tokens_total{job}") == seen["tokens"]
+    assert value(f"alignlens_prompt_tokens_total{job}") == seen["prompt_tokens"] > 0
+
+    # Latency histograms: one observation per successful stream, plausible values.
+    for name in ("time_to_first_token", "e2e_request_latency"):
+        assert value(f"alignlens_{name}_seconds_count{job}") == N_GENERATE, name
+        p50 = value(f'histogram_quantile(0.5, sum by (le) (alignlens_{name}_seconds_bucket{job}))')
+        assert 0 < p50 < 60, f"{name} p50 {p50}"
+    assert value(f"alignlens_queue_time_seconds_count{job}") >= N_GENERATE
+    assert 0 < value(f"alignlens_inter_token_latency_seconds_count{job}") <= seen["tokens"]
+    assert value(f"alignlens_e2e_request_latency_seconds_sum{job}") >= value(
+        f"alignlens_time_to_first_token_seconds_sum{job}")
+
+    # Queue: idle again, capacity = --max-queue.
+    assert value(f"alignlens_queue_capacity{job}") == MAX_QUEUE
+    assert value(f"alignlens_requests_running{job}") == 0
+    assert value(f"alignlens_requests_waiting{job}") == 0
+
+    # Attribution: every live token attributed; one crystallization bucket per depth 0..L.
+    attributed = value(f"alignlens_attributed_tokens_total{job}")
+    assert attributed == seen["tokens"]
+    assert 0 <= value(f"alignlens_probe_top1_total{job}") <= attributed
+    assert value(f"alignlens_crystallization_layer_count{job}") == attributed
+    buckets = sorted(float(b["metric"]["le"]) for b in prom.query(f"alignlens_crystallization_layer_bucket{job}"))
+    assert buckets == _declared_buckets("alignlens_crystallization_layer", n_layers=4)  # tiny model: L = 4
+    assert 0 <= value(f"alignlens_crystallization_layer_sum{job}") <= buckets[-2] * attributed
+    families = {r["metric"]["family"]: float(r["value"][1])
+                for r in prom.query(f"alignlens_family_importance_share_total{job}")}
+    assert set(families) == {"qkv", "attn_out", "mlp_in"}
+    assert sum(families.values()) == pytest.approx(attributed, rel=1e-3)  # shares sum to 1 per token
+    assert value(f"alignlens_attribution_step_seconds_count{job}") >= 1
+
+    # The recording rules evaluate on real series; no alert fires on a healthy server.
+    # (alignlens_requests_total{rpc,code} series are born at their first request, so rate() cannot
+    # see that first increment: the rate exists but may be 0 here; the unlabelled counters start at 0.)
+    assert value("alignlens:requests:rate5m") is not None
+    assert value("alignlens:attributed_tokens:rate1h") > 0
+    assert 0 <= value("alignlens:probe_agreement:ratio_rate1h") <= 1
+    shares = prom.query("alignlens:family_importance_share:mean_rate1h")
+    assert sum(float(r["value"][1]) for r in shares) == pytest.approx(1, rel=1e-3)
+    assert prom.query('ALERTS{alertstate="firing"}') == []
