@@ -395,3 +395,31 @@ def test_sigterm_drains_in_flight_streams(server):
     assert len(received) == 300 and stream.finished is not None and stream.finished.completion_tokens == 300
     assert server.proc.wait(60) == 0, server.log_tail()
     assert "draining 1 requests" in server.log_path.read_text()
+
+
+@pytest.mark.slow
+def test_dead_engine_turns_not_serving_and_unavailable(tiny_llama, tmp_path):
+    """A second server (no probe, eager) whose engine core process is killed under it."""
+    import psutil
+
+    srv = ServerProcess(tiny_llama, tmp_path / "server.log", "--probe", "none", "--enforce-eager")
+    try:
+        srv.wait_ready()
+        assert srv.metrics()[("alignlens_engine_healthy", ())] == 1
+        cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
+                 if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert cores, [p.cmdline() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+        for p in cores:
+            p.kill()
+        deadline = time.monotonic() + 30
+        while srv.client.health() == "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert srv.client.health() == "NOT_SERVING"
+        assert srv.metrics()[("alignlens_engine_healthy", ())] == 0
+        with pytest.raises(grpc.RpcError) as err:
+            list(srv.client.generate("Hello", max_tokens=2, detail="none"))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "died" in err.value.details()
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.log_tail()
+    finally:
+        srv.stop()

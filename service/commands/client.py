@@ -127,6 +127,8 @@ def run_generate(args: argparse.Namespace) -> int:
     n = fin.completion_tokens
     rate = n / max(fin.e2e_seconds - fin.time_to_first_token_seconds, 1e-9) if n > 1 else 0.0
     print(f"\n{args.prompt}{stream.text}\n")
+    if stream.tokens and not any(t.HasField("attribution") for t in stream.tokens) and args.detail == "unspecified":
+        print("(no attribution: the server has no probe loaded; `alignlens info` says why)", file=sys.stderr)
     print(f"-- {n} tokens, {pb2.FinishReason.Name(fin.finish_reason).removeprefix('FINISH_REASON_').lower()}; "
           f"time to first token {fin.time_to_first_token_seconds * 1000:.0f} ms, {rate:.1f} tokens/s after it")
     return 0
