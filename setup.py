@@ -14,7 +14,8 @@ from setuptools.command.build_py import build_py
 class BuildPyWithProtos(build_py):
     def run(self):
         # Loaded by path: the `service` package itself must not be imported at build time.
-        spec = importlib.util.spec_from_file_location("protos_build", Path(__file__).parent / "service" / "protos_build.py")
+        source = Path(__file__).parent / "service" / "protos_build.py"
+        spec = importlib.util.spec_from_file_location("protos_build", source)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.generate()
