@@ -7,12 +7,14 @@ tool is not installed (deploy/scripts/install-tools.sh installs them all). Secon
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -61,8 +63,9 @@ ENV_ONLY = {"ALIGNLENS_HOME", "ALIGNLENS_RUNTIME_DIR"}
 
 
 def _tool(name: str) -> str:
-    """Path of `name` on PATH or in this interpreter's venv; skips the test when absent."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    """Path of `name` in this interpreter's venv (where install-tools.sh puts PyPI tools), else on
+    PATH; skips the test when absent."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if not found:
         pytest.skip(f"{name} not installed (run deploy/scripts/install-tools.sh)")
     return found
@@ -128,6 +131,70 @@ def test_cpu_image_uses_cpu_torch_and_drops_mismatched_vision_packages():
     assert re.search(r"pip uninstall -y torchvision torchaudio torchcodec", text)
     assert "ALIGNLENS_KV_CACHE_GIB" in text  # alignlens sets VLLM_CPU_KVCACHE_SPACE from it
     assert '"/src[cuda]"' in (DOCKER / "Dockerfile.cuda").read_text()
+
+
+def _dockerignore_patterns(path: Path) -> list[tuple[bool, str]]:
+    """(re-include?, pattern) per line, in order."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [(line.startswith("!"), line.lstrip("!").rstrip("/")) for line in lines if line and not line.startswith("#")]
+
+
+def _ignored(rel: str, patterns: list[tuple[bool, str]]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides."""
+    parts = rel.split("/")
+    candidates = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    ignored = False
+    for include, pattern in patterns:
+        alternatives = {pattern, pattern.removeprefix("**/")}  # `**/` also matches zero folders
+        if any(fnmatch.fnmatchcase(c, p) for c in candidates for p in alternatives):
+            ignored = not include
+    return ignored
+
+
+def _build_context(dockerignore: Path, dest: Path) -> list[str]:
+    """Copy what `docker build` would send with this .dockerignore; returns the relative paths."""
+    patterns = _dockerignore_patterns(dockerignore)
+    keep_dirs = {"/".join(p.split("/")[:i]) for include, p in patterns if include for i in range(1, p.count("/") + 1)}
+    copied = []
+    for root, dirs, files in os.walk(REPO):
+        rel_root = Path(root).relative_to(REPO).as_posix()
+        rel_root = "" if rel_root == "." else rel_root + "/"
+        dirs[:] = [d for d in dirs if not (_ignored(rel_root + d, patterns) and (rel_root + d) not in keep_dirs)]
+        for name in files:
+            rel = rel_root + name
+            if not _ignored(rel, patterns):
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / rel, dest / rel)
+                copied.append(rel)
+    return copied
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda"])
+def test_build_context_makes_a_wheel_with_generated_grpc_code_and_the_probe(variant, tmp_path):
+    """The image's install step without Docker: the context its .dockerignore lets through,
+    protoc as the Dockerfile runs it, then a wheel; what an installed alignlens needs must be in it."""
+    pytest.importorskip("grpc_tools", reason="grpcio-tools not installed")
+    pytest.importorskip("setuptools", reason="setuptools not installed")
+    context = tmp_path / "context"
+    copied = _build_context(DOCKER / f"Dockerfile.{variant}.dockerignore", context)
+    assert "deploy/docker/grpc_health_check.py" in copied and "pyproject.toml" in copied
+    assert not any(p.startswith(("tests/", ".venv/", ".git/", "service/gen/")) or "__pycache__" in p for p in copied)
+    proc = _run(sys.executable, "-m", "service.protos_build", cwd=context)
+    assert proc.returncode == 0, proc.stderr
+    proc = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                "-w", str(tmp_path / "dist"), str(context))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("alignlens-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    for needed in ("service/cli.py", "service/server.py", "probe/__init__.py",
+                   "service/gen/alignlens/v1/attribution_pb2.py", "service/gen/alignlens/v1/attribution_pb2_grpc.py"):
+        assert needed in names, needed
+    assert "alignlens = service.cli:main" in entry_points and "vllm.general_plugins" in entry_points
+    shipped = {f"probe/artifacts/{p.name}" for p in (REPO / "probe" / "artifacts").glob("*")}
+    assert shipped <= names, "the probe artifacts must ship inside the package"
+    assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
 
 @pytest.fixture
