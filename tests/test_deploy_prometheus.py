@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from prometheus_harness import PrometheusServer, free_port
 from test_deploy import METRICS, RULE_FILES
 
@@ -37,7 +36,7 @@ def _require_server() -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (run deploy/scripts/install-tools.sh)")
     try:
-        import service.commands.serve  # noqa: F401
+        import service.commands.serve
         import service.server  # noqa: F401
     except ModuleNotFoundError as exc:
         pytest.skip(f"`alignlens serve` is not built yet ({exc.name} missing)")
@@ -121,8 +120,9 @@ def test_prometheus_scrapes_a_serving_alignlens(tiny_llama, tmp_path):
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe", str(probe_path),
            "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--max-queue", str(MAX_QUEUE), "--kv-cache-gib", "1", "--enforce-eager", "--max-model-len", "256"]
+    target = {"targets": [f"127.0.0.1:{metrics_port}"]}
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-              "scrape_configs": [{"job_name": "alignlens", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
+              "scrape_configs": [{"job_name": "alignlens", "static_configs": [target]}]}
     with open(log, "wb") as log_file:
         server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         try:
