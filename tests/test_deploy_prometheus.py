@@ -39,7 +39,7 @@ def _require_server() -> None:
         import service.commands.serve
         import service.server  # noqa: F401
     except ModuleNotFoundError as exc:
-        pytest.skip(f"`alignlens serve` is not built yet ({exc.name} missing)")
+        pytest.skip(f"`alignlens serve` cannot be imported yet: module {exc.name} is missing")
     pytest.importorskip("vllm", reason="vLLM is not installed")
 
 
