@@ -174,6 +174,15 @@ class Host:
         tensors = {k: v.detach() for k, v in model.state_dict().items()}
         return cls(model.config.to_dict(), tensors)
 
+    def to(self, device: torch.device | str) -> "Host":
+        """Move the tensors the probe uses at serving time (norms, W_U, biases) to `device`."""
+        for name in ("input_norm_weight", "input_norm_bias", "post_attn_norm_weight", "post_attn_norm_bias",
+                     "final_norm_weight", "final_norm_bias", "W_U", "attn_out_bias"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+        return self
+
     # ---- norms --------------------------------------------------------------------------------
     def _norm(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         x = x.float()

@@ -1,0 +1,163 @@
+"""Per-token attribution for one engine step: captured activations in, TokenAttribution records out.
+
+`Attributor.__call__(resid [N, L+1, d], resid_mid [N, L, d], token_ids [N], detail)` runs, batched
+over the N decisions of a step (no Python loop over tokens in the math):
+1. features   alpha [N, L, 3, k] (probe.features);
+2. host       full-vocabulary logits final_norm(h_L) @ W_U^T -> host_logprob of y, top-K candidates;
+3. probe      trunk over depth, readout of y over C = top-K + y at every depth (probe.model):
+              layer_gain, layer_importance, crystallization_layer, probe_prob, probe_top1;
+4. pairs      the ablation head's predicted drop per (block, family) -> family_attribution and
+              family_importance (positive parts normalized within each block);
+5. directions (detail="full" only) gradient x input of the top pair's predicted drop with respect
+              to that pair's k standardized alignment features (one backward through the head).
+
+Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
+probe ~19M (see probe.model) = ~49M, about a third of the host's own forward (134M); with
+detail="full" add ~3M for the head's backward. The host logits dominate; an engine that hands over
+its own logits could skip them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from probe.artifact import FingerprintMismatch, load_artifact
+from probe.features import alignment_features
+from probe.fingerprint import host_fingerprint
+from probe.host import Host
+from probe.model import ProbeModel, candidate_set, expand_drop, readout_logits
+from probe.names import FAMILIES
+from probe.record import Direction, TokenAttribution
+from probe.svd import SvdFactors, load_or_compute
+
+DETAILS = ("summary", "full")
+FULL_DIRECTIONS = 8  # directions reported for the top pair at detail="full"
+
+
+class Attributor:
+    """A loaded probe bound to its host. Build with `load` (checkpoint folder) or `from_host`."""
+
+    def __init__(self, host: Host, factors: SvdFactors, model: ProbeModel, metadata: dict):
+        if factors.fingerprint != metadata["host_fingerprint"]:
+            raise FingerprintMismatch("<in memory>", metadata["host_fingerprint"], factors.fingerprint)
+        self.host, self.factors, self.model, self.metadata = host, factors, model.eval(), metadata
+        self.proj = factors.proj
+        self.L = host.n_layers
+        self.top_k = model.cfg.top_k
+
+    @classmethod
+    def load(cls, artifact_path: str | Path, checkpoint_dir: str | Path) -> "Attributor":
+        """Load a probe artifact for the host checkpoint at `checkpoint_dir`.
+
+        Raises probe.artifact.FingerprintMismatch when the checkpoint is not the host the probe was
+        trained on.
+        """
+        return cls.from_host(artifact_path, Host.from_checkpoint(checkpoint_dir), checkpoint_dir)
+
+    @classmethod
+    def from_host(cls, artifact_path: str | Path, host: Host, where: str | Path | None = None) -> "Attributor":
+        model, meta = load_artifact(artifact_path, host_fingerprint(host), where)
+        return cls(host, load_or_compute(host, int(meta["k"])), model, meta)
+
+    def to(self, device: torch.device | str) -> "Attributor":
+        self.host.to(device)
+        self.proj = self.proj.to(device)
+        self.model.to(device)
+        return self
+
+    # ---- batched math -------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor) -> dict[str, Tensor]:
+        """All per-token quantities as tensors (N tokens, L blocks, C = K+1 candidates):
+        alpha [N,L,3,k], alpha_std [N,L,3,k], states [N,L+1,w], host_logprob [N], host_top1 [N],
+        cand_ids [N,C], cand_valid [N,C], logp_y [N,L+1], top1 [N,L+1] bool, layer_gain [N,L+1],
+        layer_importance [N,L+1], crystallization_layer [N], family_attribution [N,L,3] (nats),
+        family_importance [N,L,3], probe_prob [N], probe_top1 [N] bool."""
+        h = self.host
+        resid = resid.float()
+        token_ids = token_ids.long()
+        alpha = alignment_features(h, self.proj, resid, resid_mid)
+        logits = h.logits(resid[:, -1])  # [N, V]
+        host_logprob = logits.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        cand_ids, valid = candidate_set(logits.topk(self.top_k, dim=-1).indices, token_ids, self.top_k)
+
+        m = self.model
+        a = m.standardize(alpha)
+        states = m.trunk(resid, a)
+        r = m.corrected_resid(resid, states)
+        ro = readout_logits(h.final_norm, r, h.W_U[cand_ids]).masked_fill(~valid[:, None], float("-inf"))
+        logp = torch.log_softmax(ro, dim=-1)  # [N, L+1, C]
+        y_pos = torch.where(valid[:, -1], self.top_k, (cand_ids[:, :self.top_k] == token_ids[:, None]).float().argmax(1))
+        logp_y = logp.gather(2, y_pos[:, None, None].expand(-1, self.L + 1, 1)).squeeze(2)
+        top1 = ro.argmax(-1) == y_pos[:, None]  # [N, L+1]
+
+        n_cand = valid.sum(1).float()
+        prev = torch.cat([-torch.log(n_cand)[:, None], logp_y[:, :-1]], dim=1)
+        gain = logp_y - prev
+        pos_gain = gain.clamp_min(0)
+        importance = pos_gain / pos_gain.sum(1, keepdim=True).clamp_min(1e-12)
+        # smallest l with top1 at every depth >= l: count the trailing run of True
+        trailing = torch.flip(torch.cumprod(torch.flip(top1, [1]).long(), dim=1), [1]).sum(1)
+        crystal = (self.L + 1) - trailing  # = L+1 when not top-1 at the last depth
+
+        attribution = expand_drop(m.ablation(states, a, h.W_U[token_ids]), m.cfg.drop_tau)  # [N, L, 3]
+        pos_attr = attribution.clamp_min(0)
+        fam_imp = pos_attr / pos_attr.sum(2, keepdim=True).clamp_min(1e-12)
+        return {"alpha": alpha, "alpha_std": a, "states": states, "host_logprob": host_logprob,
+                "host_top1": logits.argmax(-1), "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
+                "top1": top1, "layer_gain": gain, "layer_importance": importance, "crystallization_layer": crystal,
+                "family_attribution": attribution, "family_importance": fam_imp,
+                "probe_prob": logp_y[:, -1].exp(), "probe_top1": top1[:, -1], "token_ids": token_ids}
+
+    def direction_scores(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Gradient x input of each token's top pair w.r.t. its standardized alpha.
+
+        Returns (top pair flat index [N] into L*3, scores [N, k]). Autograd is re-enabled locally so
+        this also works inside an engine's inference_mode; the trunk states are held fixed.
+        """
+        m, N = self.model, out["alpha"].shape[0]
+        top = out["family_attribution"].flatten(1).argmax(1)
+        with torch.inference_mode(False), torch.enable_grad():
+            a = out["alpha_std"].clone().requires_grad_(True)
+            states = out["states"].clone()
+            rows = self.host.W_U[out["token_ids"].clone()]
+            pred = m.ablation(states, a, rows).flatten(1)  # [N, L*3]
+            pred.gather(1, top[:, None].clone()).sum().backward()
+            scores = (a.grad * a).detach().flatten(1, 2)  # [N, L*3, k]
+        return top, scores[torch.arange(N), top]
+
+    # ---- records ------------------------------------------------------------------------------
+    def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor,
+                 detail: str = "summary") -> list[TokenAttribution]:
+        """TokenAttribution for each of the N decisions: resid [N, L+1, d], resid_mid [N, L, d],
+        token_ids [N] (the emitted tokens). detail="full" adds top_directions."""
+        if detail not in DETAILS:
+            raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
+        if resid.shape[0] != token_ids.shape[0] or resid_mid.shape[0] != token_ids.shape[0]:
+            raise ValueError(f"resid {tuple(resid.shape)}, resid_mid {tuple(resid_mid.shape)} and token_ids "
+                             f"{tuple(token_ids.shape)} must have the same number of rows")
+        if token_ids.shape[0] == 0:
+            return []
+        out = self.compute(resid, resid_mid, token_ids)
+        directions: list[list[Direction]] = [[] for _ in range(token_ids.shape[0])]
+        if detail == "full":
+            top, scores = self.direction_scores(out)
+            n = min(FULL_DIRECTIONS, scores.shape[1])
+            idx = scores.abs().topk(n, dim=1).indices
+            vals = scores.gather(1, idx)
+            for t, (p, ids, vs) in enumerate(zip(top.tolist(), idx.tolist(), vals.tolist())):
+                directions[t] = [Direction(layer=p // 3 + 1, family=FAMILIES[p % 3], index=i, score=v)
+                                 for i, v in zip(ids, vs)]
+        cols = {k: out[k].cpu().tolist() for k in ("token_ids", "layer_gain", "layer_importance",
+                                                    "crystallization_layer", "family_importance", "probe_prob",
+                                                    "probe_top1", "host_logprob", "family_attribution")}
+        return [TokenAttribution(
+            token_id=cols["token_ids"][t], layer_gain=cols["layer_gain"][t],
+            layer_importance=cols["layer_importance"][t], crystallization_layer=cols["crystallization_layer"][t],
+            family_importance=cols["family_importance"][t], top_directions=directions[t],
+            probe_prob=cols["probe_prob"][t], probe_top1=cols["probe_top1"][t],
+            host_logprob=cols["host_logprob"][t], family_attribution=cols["family_attribution"][t])
+            for t in range(token_ids.shape[0])]

@@ -1,0 +1,115 @@
+"""Data collection on the transformers replica (no vLLM): generation, capture, ablation labels.
+
+Phases:
+1. generate — sample continuations with transformers `generate` (left-padded batches, fixed seed);
+2. capture  — teacher-forced forward of prompt + continuation with probe.replica hooks; keep the rows
+              whose decision is an emitted token (row t = position P-1+t);
+3. write    — the trace format of probe.data (the same file `alignlens trace` writes);
+4. label    — `label_trace`: for a sample of rows per prompt, the host's own ablation drop of every
+              (block, family) (probe.ablation), written beside the trace as <trace>.labels.safetensors.
+
+Phase 4 also runs on traces written by vLLM (`alignlens probe collect`), which is how the shipped
+probe's labels are made: the ablations must run on the replica, which vLLM cannot do.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from probe.ablation import DecisionAblator
+from probe.data import labels_path, prompt_indices, read_prompt, write_trace
+from probe.replica import capture_replica
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt_ids: list[list[int]], max_tokens: int, temperature: float,
+             seed: int = 0, batch_size: int = 8, eos_token_id: int | None = None,
+             progress: bool = True) -> list[list[int]]:
+    """Continuations (token ids, EOS included when emitted, nothing after it) of each prompt."""
+    out: list[list[int]] = []
+    pad = 0
+    batches = range(0, len(prompt_ids), batch_size)
+    for b in tqdm(batches, desc="generate", disable=not progress):
+        chunk = prompt_ids[b:b + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        torch.manual_seed(seed + b)
+        kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+            dict(do_sample=False)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=1,
+                             pad_token_id=pad, eos_token_id=eos_token_id, **kwargs)[:, width:]
+        for row in gen.tolist():
+            if eos_token_id is not None and eos_token_id in row:
+                row = row[:row.index(eos_token_id) + 1]
+            out.append(row)
+    return out
+
+
+@torch.no_grad()
+def capture(model: nn.Module, prompt_ids: list[int], token_ids: list[int]) -> dict[str, Tensor]:
+    """Trace record of one prompt: rows for the decisions of `token_ids` (see probe.data)."""
+    seq = torch.tensor(prompt_ids + token_ids)
+    resid, mid = capture_replica(model, seq)
+    P, T = len(prompt_ids), len(token_ids)
+    rows = slice(P - 1, P - 1 + T)
+    return {"prompt_token_ids": torch.tensor(prompt_ids), "token_ids": torch.tensor(token_ids),
+            "resid": resid[rows].contiguous(), "resid_mid": mid[rows].contiguous()}
+
+
+def collect(model: nn.Module, prompt_ids: list[list[int]], max_tokens: int, temperature: float,
+            out_path: str | Path, seed: int = 0, eos_token_id: int | None = None, batch_size: int = 8,
+            metadata: dict | None = None, progress: bool = True) -> Path:
+    """Generate, capture and write a trace file of all prompts (phases 1-3)."""
+    start = time.perf_counter()
+    continuations = generate(model, prompt_ids, max_tokens, temperature, seed, batch_size, eos_token_id, progress)
+    records = [capture(model, p, c) for p, c in tqdm(list(zip(prompt_ids, continuations)), desc="capture",
+                                                      disable=not progress)]
+    meta = {"format": "alignlens-trace-v1", "source": "transformers-replica", "max_tokens": max_tokens,
+            "temperature": temperature, "seed": seed, "prompts": len(prompt_ids),
+            "seconds": round(time.perf_counter() - start, 2), **(metadata or {})}
+    return write_trace(records, out_path, meta)
+
+
+def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_path: str | Path,
+                rows_per_prompt: int, seed: int = 0, progress: bool = True,
+                save_every: int = 20) -> Path:
+    """Phase 4: ablation labels for `rows_per_prompt` random rows of every prompt of a trace.
+
+    basis [L, 3, k, d] (probe.svd), attn_out_bias [L, d]. Resumable: prompts already in an existing
+    labels file are skipped; the file is rewritten every `save_every` prompts.
+    """
+    out = labels_path(trace_path)
+    done: dict[str, Tensor] = {}
+    if out.is_file():
+        from safetensors.torch import load_file
+        done = load_file(str(out))
+    ablator = DecisionAblator(model, basis, attn_out_bias)
+    gen = torch.Generator().manual_seed(seed)
+    todo = prompt_indices(trace_path)
+    pending = 0
+    for i in tqdm(todo, desc="ablation labels", disable=not progress):
+        T = read_prompt(trace_path, i)["token_ids"].shape[0]
+        rows = torch.randperm(T, generator=gen)[:rows_per_prompt].sort().values  # drawn even if skipped
+        if f"{i}.rows" in done:
+            continue
+        rec = read_prompt(trace_path, i)
+        P = rec["prompt_token_ids"].shape[0]
+        seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
+        base, drop = ablator.drops(seq, P - 1 + rows, rec["token_ids"][rows])
+        done.update({f"{i}.rows": rows, f"{i}.drop": drop.float(), f"{i}.base_logprob": base.float()})
+        pending += 1
+        if pending >= save_every:
+            save_file(done, str(out), metadata={"trace": Path(trace_path).name})
+            pending = 0
+    save_file(done, str(out), metadata={"trace": Path(trace_path).name})
+    return out

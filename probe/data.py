@@ -1,0 +1,158 @@
+"""Training data: `alignlens trace` files in, tensors the probe trains on out.
+
+Trace format (one safetensors file; what `alignlens trace` and probe.collect_replica write), per
+prompt i:
+    i.prompt_token_ids [P]          int64
+    i.token_ids        [T]          int64, emitted tokens
+    i.resid            [T, L+1, d]  row t = activations at the position whose decision is token t
+    i.resid_mid        [T, L, d]
+Ablation labels (probe.collect_replica.label_trace) live in a sibling file `<trace>.labels.safetensors`:
+    i.rows             [n]          int64, which rows t of prompt i were ablated
+    i.drop             [n, L, 3]    float32 nats, log p(y) clean - ablated (probe.ablation)
+    i.base_logprob     [n]          float32 nats, clean host log p(y) on the replica
+
+`build_dataset` turns these into one `TokenSet` in memory (features and host targets computed
+here, once, so training epochs only run the probe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from probe.features import alignment_features
+from probe.host import Host
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenSet:
+    """N decision positions with everything training and evaluation need."""
+
+    resid: Tensor  # [N, L+1, d] float32, h_0..h_L
+    alpha: Tensor  # [N, L, 3, k] float32
+    token_ids: Tensor  # [N] int64, emitted token y
+    cand_ids: Tensor  # [N, K] int64, host top-K tokens (descending)
+    cand_logits: Tensor  # [N, K] float32, host logits of those tokens
+    host_logprob: Tensor  # [N] float32, host log p(y) over the full vocabulary
+    prompt_index: Tensor  # [N] int64, which trace prompt the row came from
+    drop: Tensor | None = None  # [N, L, 3] ablation labels (NaN where a row was not ablated)
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def subset(self, idx: Tensor) -> "TokenSet":
+        return TokenSet(**{name: (None if v is None else v[idx]) for name, v in vars(self).items()})
+
+    @property
+    def labeled(self) -> Tensor:
+        """[N] bool, rows that carry ablation labels."""
+        if self.drop is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return ~torch.isnan(self.drop).any(dim=(1, 2))
+
+
+def write_trace(results: list[dict[str, Tensor]], path: str | Path, metadata: dict) -> Path:
+    """Write per-prompt dicts {prompt_token_ids, token_ids, resid, resid_mid} in the trace format."""
+    tensors = {f"{i}.{name}": t.contiguous() for i, r in enumerate(results) for name, t in r.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def labels_path(trace_path: str | Path) -> Path:
+    p = Path(trace_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".labels.safetensors")
+
+
+def prompt_indices(trace_path: str | Path) -> list[int]:
+    """The prompt indices i present in a trace file, sorted."""
+    with safe_open(str(trace_path), "pt") as f:
+        return sorted({int(k.split(".", 1)[0]) for k in f.keys() if k.endswith(".token_ids")})
+
+
+def read_prompt(trace_path: str | Path, i: int) -> dict[str, Tensor]:
+    """The four tensors of prompt i of a trace file."""
+    with safe_open(str(trace_path), "pt") as f:
+        return {name: f.get_tensor(f"{i}.{name}")
+                for name in ("prompt_token_ids", "token_ids", "resid", "resid_mid")}
+
+
+def trace_metadata(trace_path: str | Path) -> dict:
+    with safe_open(str(trace_path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+@torch.no_grad()
+def host_targets(host: Host, h_last: Tensor, token_ids: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """From h_L [N, d]: host top-K ids [N, K], their logits [N, K] and log p(y) [N] (full vocab)."""
+    logits = host.logits(h_last)  # [N, vocab]
+    cand_logits, cand_ids = logits.topk(top_k, dim=-1)
+    logp_y = logits.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return cand_ids, cand_logits, logp_y
+
+
+@torch.no_grad()
+def build_dataset(host: Host, proj: Tensor, trace_paths: list[str | Path], top_k: int = 64,
+                  max_tokens: int | None = None, chunk: int = 256) -> TokenSet:
+    """Read trace files (and their labels files when present) into one TokenSet.
+
+    proj [L, 3, k, d] from probe.svd. Features and host targets are computed in chunks of `chunk`
+    rows so peak memory stays near the size of the output.
+    """
+    parts: dict[str, list[Tensor]] = {n: [] for n in ("resid", "alpha", "token_ids", "cand_ids", "cand_logits",
+                                                       "host_logprob", "prompt_index", "drop")}
+    total, offset = 0, 0
+    L = host.n_layers
+    for path in trace_paths:
+        labels = {}
+        lp = labels_path(path)
+        if lp.is_file():
+            with safe_open(str(lp), "pt") as f:
+                labels = {k: f.get_tensor(k) for k in f.keys()}
+        indices = prompt_indices(path)
+        for i in indices:
+            rec = read_prompt(path, i)
+            T = rec["token_ids"].shape[0]
+            if max_tokens is not None and total + T > max_tokens:
+                T = max_tokens - total
+            if T <= 0:
+                break
+            resid, mid, ys = rec["resid"][:T].float(), rec["resid_mid"][:T].float(), rec["token_ids"][:T]
+            for s in range(0, T, chunk):
+                parts["alpha"].append(alignment_features(host, proj, resid[s:s + chunk], mid[s:s + chunk]))
+                c_ids, c_logits, lp_y = host_targets(host, resid[s:s + chunk, L], ys[s:s + chunk], top_k)
+                parts["cand_ids"].append(c_ids)
+                parts["cand_logits"].append(c_logits)
+                parts["host_logprob"].append(lp_y)
+            parts["resid"].append(resid)
+            parts["token_ids"].append(ys)
+            parts["prompt_index"].append(torch.full((T,), offset + i, dtype=torch.long))
+            drop = torch.full((T, L, 3), float("nan"))
+            if f"{i}.rows" in labels:
+                rows = labels[f"{i}.rows"]
+                keep = rows < T
+                drop[rows[keep]] = labels[f"{i}.drop"][keep].float()
+            parts["drop"].append(drop)
+            total += T
+        offset += (max(indices) + 1) if indices else 0
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if total == 0:
+        raise ValueError(f"no tokens found in {', '.join(map(str, trace_paths))}")
+    ds = TokenSet(**{k: torch.cat(v) for k, v in parts.items()})
+    if not ds.labeled.any():
+        ds.drop = None
+    log.info("data: %d tokens from %d prompts (%d with ablation labels)", len(ds),
+             int(ds.prompt_index.unique().numel()), int(ds.labeled.sum()))
+    return ds

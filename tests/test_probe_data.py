@@ -1,0 +1,38 @@
+"""Replica collection -> trace file -> labels -> TokenSet, on a tiny random model."""
+
+from __future__ import annotations
+
+import torch
+
+from probe.collect_replica import collect, label_trace
+from probe.data import build_dataset, labels_path, read_prompt
+from probe.host import Host
+from probe.svd import compute_factors
+from probe_tiny import tiny_llama
+
+K = 8
+
+
+def test_collect_label_build(tmp_path):
+    model = tiny_llama()
+    host = Host.from_model(model)
+    fac = compute_factors(host, K)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20]]
+    path = collect(model, prompts, max_tokens=6, temperature=1.0, out_path=tmp_path / "t.safetensors",
+                   seed=0, progress=False)
+    rec = read_prompt(path, 1)
+    assert rec["token_ids"].shape == (6,) and rec["resid"].shape == (6, host.n_layers + 1, host.d_model)
+    # row t decides token t: the host's logits at that row are the ones the token was sampled from
+    seq = torch.tensor(prompts[1] + rec["token_ids"].tolist())
+    with torch.no_grad():
+        logits = model(input_ids=seq.view(1, -1)).logits[0, len(prompts[1]) - 1:-1]
+    torch.testing.assert_close(host.logits(rec["resid"][:, -1]), logits, rtol=1e-4, atol=1e-4)
+
+    label_trace(model, fac.basis, host.attn_out_bias, path, rows_per_prompt=2, progress=False)
+    assert labels_path(path).is_file()
+    ds = build_dataset(host, fac.proj, [path], top_k=5)
+    assert len(ds) == 18 and ds.alpha.shape == (18, host.n_layers, 3, K)
+    assert ds.cand_ids.shape == (18, 5) and int(ds.labeled.sum()) == 6
+    torch.testing.assert_close(ds.host_logprob[6:12],
+                               torch.log_softmax(logits, -1).gather(1, rec["token_ids"][:, None]).squeeze(1),
+                               rtol=1e-4, atol=1e-4)

@@ -1,0 +1,124 @@
+"""Probe training, artifact round trip, fingerprint refusal and the batched Attributor (tiny models)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from probe.artifact import FingerprintMismatch, load_artifact, read_metadata, save_artifact
+from probe.attribution import Attributor
+from probe.collect_replica import capture, label_trace
+from probe.data import build_dataset, write_trace
+from probe.fingerprint import host_fingerprint
+from probe.host import Host
+from probe.model import ProbeConfig, ProbeModel
+from probe.names import FAMILIES
+from probe.svd import load_or_compute
+from probe.train import TrainConfig, train
+from probe_tiny import tiny_gpt2, tiny_llama
+
+K = 8
+
+
+def _cfg(host: Host) -> ProbeConfig:
+    return ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=K, width=32, n_encoder_layers=1,
+                       n_heads=2, ablation_width=16, top_k=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("probe")
+    import os
+    os.environ["ALIGNLENS_HOME"] = str(tmp / "home")
+    model = tiny_llama(seed=3, layers=4)
+    with torch.no_grad():  # a sharper next-token distribution than random init gives, so top-1 means something
+        model.model.norm.weight.mul_(4.0)
+    host = Host.from_model(model)
+    fac = load_or_compute(host, K)
+    # Teacher-forced random text is enough here (targets are the host's own distributions) and much
+    # faster than sampling: 60 training and 20 test sequences of 24 decisions.
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(2, 96, (80, 28), generator=g).tolist()
+    records = [capture(model, s[:4], s[4:]) for s in seqs]
+    train_path = write_trace(records[:60], tmp / "train.safetensors", {})
+    test_path = write_trace(records[60:], tmp / "test.safetensors", {})
+    label_trace(model, fac.basis, host.attn_out_bias, train_path, rows_per_prompt=1, progress=False)
+    train_ds = build_dataset(host, fac.proj, [train_path], top_k=8)
+    test_ds = build_dataset(host, fac.proj, [test_path], top_k=8)
+    return model, host, fac, train_ds, test_ds, tmp
+
+
+def _final_agreement_of_depth(model: ProbeModel, host: Host, ds, depth: int) -> float:
+    """Top-1 agreement with the host over the full vocabulary of the readout at `depth`."""
+    with torch.no_grad():
+        r, _ = model(ds.resid, ds.alpha, host.W_U[ds.token_ids])
+        return (host.logits(r[:, depth]).argmax(-1) == ds.cand_ids[:, 0]).float().mean().item()
+
+
+def test_trained_probe_beats_untrained_null(tiny_setup):
+    _, host, fac, train_ds, test_ds, tmp = tiny_setup
+    cfg = _cfg(host)
+    torch.manual_seed(0)
+    null = ProbeModel(cfg).eval()
+    model, summary = train(host, train_ds, cfg, TrainConfig(steps=300, batch_size=32, ablation_batch_size=8,
+                                                            lr=3e-3, negatives=64), progress=False)
+    assert summary["ablation_head_trained"]
+    L = host.n_layers
+    # final depth is the host by construction, for both
+    assert _final_agreement_of_depth(model, host, test_ds, L) == 1.0
+    # at intermediate depths the trained readout agrees with the host more than the null (= logit lens)
+    trained = sum(_final_agreement_of_depth(model, host, test_ds, l) for l in range(1, L))
+    untrained = sum(_final_agreement_of_depth(null, host, test_ds, l) for l in range(1, L))
+    assert trained > untrained + 0.1, (trained, untrained)
+
+
+def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):
+    _, host, fac, train_ds, test_ds, _ = tiny_setup
+    model = ProbeModel(_cfg(host)).eval()
+    meta = {"host_fingerprint": host_fingerprint(host), "k": K, "family_map": host.describe()}
+    path = save_artifact(tmp_path / "p.safetensors", model, meta)
+    loaded, meta2 = load_artifact(path, host_fingerprint(host))
+    assert meta2["probe_config"] == dataclasses.asdict(model.cfg)
+    assert read_metadata(path)["format_version"] == "alignlens-probe-v1"
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    other = tiny_gpt2()
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(FingerprintMismatch, match="fingerprint"):
+        Attributor.load(path, tmp_path / "other")
+
+
+@pytest.mark.parametrize("detail", ["summary", "full"])
+def test_attributor_records(tiny_setup, tmp_path, detail):
+    model, host, fac, train_ds, test_ds, _ = tiny_setup
+    probe = ProbeModel(_cfg(host)).eval()
+    path = save_artifact(tmp_path / "p.safetensors", probe, {"host_fingerprint": host_fingerprint(host), "k": K})
+    model.save_pretrained(tmp_path / "host")
+    att = Attributor.load(path, tmp_path / "host")
+    n = 7
+    cap = capture(model, [5, 6, 7], [8, 9, 10, 11, 12, 13, 14])
+    with torch.inference_mode():  # as inside an engine worker
+        records = att(cap["resid"], cap["resid_mid"], cap["token_ids"], detail=detail)
+    assert len(records) == n
+    L = host.n_layers
+    for r in records:
+        assert len(r.layer_gain) == L + 1 and len(r.layer_importance) == L + 1
+        assert len(r.family_importance) == L and all(len(x) == 3 for x in r.family_importance)
+        assert 0 <= r.crystallization_layer <= L + 1
+        assert abs(sum(r.layer_importance) - 1) < 1e-4 or sum(r.layer_importance) == 0
+        assert 0 < r.probe_prob <= 1 and r.host_logprob <= 0
+        assert (len(r.top_directions) > 0) == (detail == "full")
+        for d in r.top_directions:
+            assert 1 <= d.layer <= L and d.family in FAMILIES and 0 <= d.index < K
+    # the final-depth readout is the host restricted to candidates: probe_top1 <=> host argmax == y
+    logits = host.logits(cap["resid"][:, -1])
+    assert [r.probe_top1 for r in records] == (logits.argmax(-1) == cap["token_ids"]).tolist()
+    lp = torch.log_softmax(logits, -1).gather(1, cap["token_ids"][:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor([r.host_logprob for r in records]), lp, rtol=1e-4, atol=1e-4)
+    # gains telescope: sum = log p_L(y) + log |C|
+    r = records[0]
+    assert abs(sum(r.layer_gain) - (torch.log(torch.tensor(r.probe_prob)).item() + torch.log(
+        torch.tensor(float(len(set(cap["token_ids"][:1].tolist()) | set(logits[0].topk(8).indices.tolist())))))
+        .item())) < 1e-3
