@@ -363,6 +363,35 @@ def _env(docs: list[dict]) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
 
 
+def _image_env(variant: str) -> dict[str, str]:
+    """ENV of the Dockerfile's final stage."""
+    ins = _instructions(DOCKER / f"Dockerfile.{variant}")
+    final_stage = ins[max(i for i, (w, _) in enumerate(ins) if w == "FROM"):]
+    return dict(pair.split("=", 1) for w, a in final_stage if w == "ENV" for pair in a.split())
+
+
+# Where the image points every writer (caches, the model store, the side channel, temp files).
+_WRITABLE_ENV = ("ALIGNLENS_HOME", "ALIGNLENS_RUNTIME_DIR", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR",
+                 "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "NUMBA_CACHE_DIR", "TMPDIR")
+
+
+@pytest.mark.parametrize(("variant", "overlay"), [("cpu", "cpu"), ("cuda", "gpu")])
+def test_image_writes_only_where_the_pod_mounts_writable_volumes(rendered, variant, overlay):
+    """With a read-only root file system, every path the image writes to must be an emptyDir."""
+    from service.modelstore import DEFAULT_MODEL_NAME
+
+    env = _image_env(variant)
+    pod = _one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
+    empty_dirs = {v["name"] for v in pod["volumes"] if "emptyDir" in v}
+    writable = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"] if m["name"] in empty_dirs]
+    for name in _WRITABLE_ENV:
+        assert any(Path(env[name]).is_relative_to(w) for w in writable), f"{name}={env[name]} is read-only"
+    # The baked model is named by path (ALIGNLENS_HOME is scratch space), outside every volume.
+    model = Path(env["ALIGNLENS_MODEL"])
+    assert model == Path("/opt/alignlens/models") / DEFAULT_MODEL_NAME
+    assert not any(model.is_relative_to(w) for w in writable)
+
+
 def test_overlays_size_cpu_and_gpu_pods(rendered):
     cpu = _one(rendered["cpu"], "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert cpu["image"].endswith(":cpu")
