@@ -193,4 +193,61 @@ def markdown_table(report: dict) -> str:
     rss = ", ".join(f"{k}: {v / 2**30:.2f} GiB" for k, v in report["peak_rss_bytes"].items())
     start = ", ".join(f"{k}: {v:.1f} s" for k, v in report["engine_start_seconds"].items())
     lines += ["", f"Peak RSS (engine process tree): {rss}. Engine start: {start}."]
+    cost = report.get("cost_model")
+    if cost and "attribution_flops_per_token" in cost:
+        lines += ["", f"Cost model: host {cost['host_flops_per_token'] / 1e6:.0f} MFLOP/token "
+                      f"(context {cost['context_tokens']}), features + probe "
+                      f"{cost['attribution_flops_per_token'] / 1e6:.0f} MFLOP/token = "
+                      f"{cost['attribution_over_host']:.2f} of the host."]
+    service = report.get("service")
+    if service:
+        lines += ["", "| through the server | tokens/s (median) | spread | TTFT p50 ms |", "|---|---:|---|---:|"]
+        for n, row in service["streams"].items():
+            lines.append(f"| {n} concurrent Generate streams | {row['tokens_per_second']:.1f} | "
+                         f"{row['min']:.1f}..{row['max']:.1f} (n={row['repetitions']}) | "
+                         f"{row['ttft_p50_seconds'] * 1e3:.0f} |")
+        for n, row in service["audit"].items():
+            ratio = row.get("over_generate_per_stream")
+            lines.append(f"| Audit, {n}-token completion | {row['tokens_per_second']:.1f} | "
+                         f"{row['min']:.1f}..{row['max']:.1f} (n={row['repetitions']}) | "
+                         f"{'x%.1f vs one Generate stream' % ratio if ratio else '-'} |")
     return "\n".join(lines)
+
+
+def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 128) -> dict:
+    """FLOPs per generated token: host (analytic) vs features + probe (counted).
+
+    Host: 2 FLOPs per weight of every matrix a decode step multiplies (blocks + unembedding)
+    plus attention over `context_tokens` cached positions (4 * L * context * d). Attribution:
+    torch's FlopCounterMode over one Attributor call on one token (summary detail), which
+    counts the matrix products of alignment features, probe trunk, heads and readout.
+    """
+    import torch
+    from safetensors import safe_open
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    matrix_weights = 0
+    for f in sorted(__import__("pathlib").Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                if name.endswith("weight") and len(st.get_slice(name).get_shape()) == 2 and "embed" not in name \
+                        and "wte" not in name and "wpe" not in name:
+                    shape = st.get_slice(name).get_shape()
+                    matrix_weights += shape[0] * shape[1]
+    d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    if getattr(cfg, "tie_word_embeddings", False):
+        matrix_weights += V * d  # the unembedding is the tied embedding
+    host = 2 * matrix_weights + 4 * L * context_tokens * d
+    out = {"host_flops_per_token": host, "context_tokens": context_tokens}
+    if probe_path:
+        from probe.attribution import Attributor
+
+        attributor = Attributor.load(probe_path, model_path)
+        resid, mid = torch.randn(1, L + 1, d), torch.randn(1, L, d)
+        with FlopCounterMode(display=False) as counter:
+            attributor(resid, mid, torch.tensor([1]), detail="summary")
+        out["attribution_flops_per_token"] = counter.get_total_flops()
+        out["attribution_over_host"] = out["attribution_flops_per_token"] / host
+    return out

@@ -18,6 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--repetitions", type=int, default=3, help="repetitions per (batch, mode), modes alternating")
     p.add_argument("--modes", default="stock,capture,attributed", help="subset of stock,capture,attributed")
+    p.add_argument("--service", action="store_true",
+                   help="also measure through the gRPC server: concurrent streams and Audit")
+    p.add_argument("--streams", default="1,8,32", help="concurrent Generate streams (with --service)")
+    p.add_argument("--audit-lengths", default="64,512", help="logged completion lengths for Audit (with --service)")
     p.add_argument("--json", action="store_true", help="print the JSON report as the last line")
     p.add_argument("--out", help="write the Markdown table to this file")
     add_config_args(p, EngineConfig)
@@ -33,6 +37,7 @@ def default_probe(model: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from service.bench import bench_engines, markdown_table
+    from service.modelstore import resolve_model
 
     config = config_from_args(EngineConfig, args)
     modes = [m for m in args.modes.split(",") if m]
@@ -43,6 +48,16 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("alignlens bench: mode 'attributed' needs --probe (no shipped probe for this model)")
     report = asyncio.run(bench_engines(config, probe, [int(b) for b in args.batch_sizes.split(",")],
                                        args.max_tokens, args.repetitions, modes))
+    from service.bench import cost_model
+
+    report["cost_model"] = cost_model(str(resolve_model(config.model)), probe)
+    if args.service:
+        from service.bench import BENCH_PROMPTS
+        from service.bench_service import bench_service
+
+        report["service"] = bench_service(config.model, probe, [int(n) for n in args.streams.split(",")],
+                                          args.max_tokens, [int(n) for n in args.audit_lengths.split(",")],
+                                          args.repetitions, BENCH_PROMPTS)
     table = markdown_table(report)
     if args.out:
         Path(args.out).write_text(table + "\n")

@@ -1,0 +1,162 @@
+"""Service-level benchmark: the same question through the gRPC server.
+
+Phases (logged under the same names):
+  1. serve    start `alignlens serve` as a subprocess on loopback, wait for SERVING
+  2. streams  N concurrent Generate streams (N = 1, 8, 32 by default), detail SUMMARY,
+              ignore_eos so every stream makes exactly max_tokens tokens; tokens/s = all
+              tokens / wall time of the batch; TTFT per stream
+  3. audit    Audit of logged completions of 64 and 512 tokens, one request at a time:
+              completion tokens per second of wall time, against one Generate stream's
+              tokens per second (the per-token cost of the same attribution, generated live)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+AUDIT_PROMPT = "Summarize the following passage."
+# Any logged text will do for throughput; this one is tokenized and cut to the lengths asked for.
+AUDIT_TEXT = (
+    "The printing press changed how knowledge moved through Europe. Before it, books were copied "
+    "by hand, slowly and with errors; after it, a workshop could make hundreds of identical copies "
+    "in the time a scribe made one. Prices fell, literacy rose, and ideas travelled faster than "
+    "the authorities who wished to stop them. Scientists could check each other's tables, and "
+    "merchants could rely on printed rates and maps. "
+) * 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`alignlens serve` on loopback for the duration of a `with` block."""
+
+    def __init__(self, model: str, probe: str | None, extra: list[str] | None = None, log_path: Path | None = None):
+        self.port, self.metrics_port = _free_port(), _free_port()
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *(extra or [])]
+        if probe:
+            cmd += ["--probe", probe]
+        self.cmd = cmd
+        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"alignlens-bench-{self.port}.log"
+
+    def __enter__(self) -> "ServerProcess":
+        from service.client import AttributionClient
+
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        t0 = time.perf_counter()
+        with AttributionClient(f"127.0.0.1:{self.port}") as c:
+            c.wait_ready(timeout_s=900)
+        self.start_seconds = time.perf_counter() - t0
+        log.info("serve: SERVING after %.1f s (log %s)", self.start_seconds, self.log_path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def run_streams(target: str, n: int, max_tokens: int, prompts: list[str]) -> dict:
+    """n concurrent Generate streams; one thread per stream (blocking client)."""
+    from service.client import AttributionClient
+
+    ttft: list[float] = []
+    tokens = [0] * n
+    errors: list[BaseException] = []
+
+    def one(i: int, client: AttributionClient, t0: float) -> None:
+        try:
+            first = None
+            for msg in client.generate(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.0,
+                                       ignore_eos=True, detail="summary"):
+                if msg.HasField("token"):
+                    if first is None:
+                        first = time.perf_counter() - t0
+                        ttft.append(first)
+                    if not msg.token.HasField("attribution"):
+                        raise RuntimeError("stream returned a token without attribution")
+                    tokens[i] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported after the join
+            errors.append(exc)
+
+    with AttributionClient(target) as client:
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i, client, t0)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return {"streams": n, "tokens": sum(tokens), "seconds": seconds, "tokens_per_second": sum(tokens) / seconds,
+            "ttft_p50_seconds": statistics.median(ttft)}
+
+
+def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from service.client import AttributionClient
+
+    ids = AutoTokenizer.from_pretrained(str(model_path))(AUDIT_TEXT)["input_ids"]
+    out = {}
+    with AttributionClient(target) as client:
+        for n in lengths:
+            if len(ids) < n:
+                raise ValueError(f"audit text has {len(ids)} tokens, fewer than {n}")
+            rates = []
+            for _ in range(repetitions):
+                t0 = time.perf_counter()
+                resp = client.audit(AUDIT_PROMPT, ids[:n], detail="summary")
+                seconds = time.perf_counter() - t0
+                assert len(resp.tokens) == n and all(t.HasField("attribution") for t in resp.tokens)
+                rates.append(n / seconds)
+            out[str(n)] = {"tokens_per_second": statistics.median(rates), "min": min(rates), "max": max(rates),
+                           "repetitions": repetitions}
+    return out
+
+
+def bench_service(model: str, probe: str | None, streams: list[int], max_tokens: int, audit_lengths: list[int],
+                  repetitions: int, prompts: list[str], serve_args: list[str] | None = None) -> dict:
+    from service.modelstore import resolve_model
+
+    model_path = resolve_model(model)
+    with ServerProcess(str(model_path), probe, serve_args) as server:
+        run_streams(server.target, 2, 8, prompts)  # warm-up
+        stream_results = {}
+        for n in streams:
+            runs = [run_streams(server.target, n, max_tokens, prompts) for _ in range(repetitions)]
+            tps = [r["tokens_per_second"] for r in runs]
+            stream_results[str(n)] = {"tokens_per_second": statistics.median(tps), "min": min(tps), "max": max(tps),
+                                      "ttft_p50_seconds": statistics.median(r["ttft_p50_seconds"] for r in runs),
+                                      "repetitions": repetitions}
+            log.info("streams: %d concurrent -> %.1f tokens/s", n, stream_results[str(n)]["tokens_per_second"])
+        audit = run_audit(server.target, audit_lengths, repetitions, model_path)
+        for n, row in audit.items():
+            log.info("audit: %s tokens -> %.1f tokens/s", n, row["tokens_per_second"])
+        single = stream_results.get("1", {}).get("tokens_per_second")
+        for row in audit.values():
+            row["over_generate_per_stream"] = row["tokens_per_second"] / single if single else None
+        return {"server_start_seconds": server.start_seconds, "streams": stream_results, "audit": audit}
