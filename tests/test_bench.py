@@ -1,0 +1,36 @@
+"""`alignlens bench` end to end on a tiny model: every mode, the service part, the JSON contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_service import make_probe_artifact
+
+
+@pytest.mark.slow
+def test_bench_json_contract(tiny_llama, tmp_path):
+    probe = make_probe_artifact(tiny_llama, tmp_path / "probe.safetensors")
+    md = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "--model", str(tiny_llama), "--probe", str(probe),
+         "--batch-sizes", "1,4", "--repetitions", "2", "--max-tokens", "8", "--enforce-eager",
+         "--max-model-len", "512", "--service", "--streams", "1,2", "--audit-lengths", "16",
+         "--json", "--out", str(md)],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    for batch in ("1", "4"):
+        row = report["batches"][batch]
+        for key in ("stock_tokens_per_second", "attributed_tokens_per_second", "attributed_over_stock"):
+            assert row[key] > 0, (batch, key, row)
+        assert row["capture"]["repetitions"] == 2
+        assert row["attributed"]["itl_p99_seconds"] >= row["attributed"]["itl_p50_seconds"] > 0
+    assert report["cost_model"]["attribution_flops_per_token"] > 0
+    assert report["peak_rss_bytes"]["stock"] > 0 and report["peak_rss_bytes"]["capture"] > 0
+    assert report["service"]["streams"]["2"]["tokens_per_second"] > 0
+    assert report["service"]["audit"]["16"]["tokens_per_second"] > 0
+    assert "| 4 | attributed |" in md.read_text()
