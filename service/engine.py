@@ -100,15 +100,21 @@ class CaptureEngine:
 
         t0 = time.perf_counter()
         args = AsyncEngineArgs(**engine_args(config, model_path), disable_log_stats=True)
-        llm = AsyncLLM.from_engine_args(args)
+        # In a thread: construction takes 30-60 s (process spawn, load, compile) and the caller's
+        # event loop must keep answering meanwhile (the server's health checks, signals).
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         sink = None
         engine = cls(config, llm, None, model_path)
         if config.capture:
             sink = CaptureSink(on_step=on_step)
             sink.start()
             engine.sink = sink
-            info = await llm.collective_rpc(
-                "alignlens_attach", args=(sink.address, probe_path, str(model_path)))
+            try:
+                info = await llm.collective_rpc(
+                    "alignlens_attach", args=(sink.address, probe_path, str(model_path)))
+            except BaseException:  # e.g. the probe does not load: do not orphan the engine processes
+                engine.shutdown()
+                raise
             engine.attach_info = info[0]
         engine.start_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s (%s)", engine.start_seconds, engine.attach_info or "stock vLLM")

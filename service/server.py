@@ -161,13 +161,16 @@ class Server:
         await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         if not start.done():
-            log.info("stop requested during engine start-up")
-            start.cancel()
-            return False
+            # The engine's processes are being spawned in a thread that cannot be interrupted;
+            # let it finish so they can be shut down rather than orphaned.
+            log.info("stop requested during engine start-up: shutting down once it is up")
         try:
-            engine = start.result()
+            engine = await start
         except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
             log.exception("the engine failed to start")
+            return False
+        if self.stop_requested.is_set():
+            engine.shutdown()
             return False
         loaded = bool(engine.attach_info.get("probe_loaded"))
         if probe_path and not loaded:
