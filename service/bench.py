@@ -71,27 +71,26 @@ async def _one_request(engine: CaptureEngine, mode: str, rid: str, ids: list[int
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    detail = 1 if mode == "attributed" else 0
+
+    async def token_counts():
+        """Cumulative emitted tokens after each engine output of this request."""
+        if mode == "stock":
+            async for out in engine.llm.generate({"prompt_token_ids": ids}, params, rid):
+                yield len(out.outputs[0].token_ids)
+            return
+        n = 0
+        async for _out, joined in engine.generate_captured(rid, ids, params, detail=detail):
+            if detail and joined and joined[0][1]["attr"] is None:
+                raise RuntimeError("attributed mode returned no attribution: is a probe loaded?")
+            n += len(joined)
+            yield n
+
     last = None
     n = 0
-    if mode == "stock":
-        stream = engine.llm.generate({"prompt_token_ids": ids}, params, rid)
-        async for out in stream:
-            now = time.perf_counter()
-            new = len(out.outputs[0].token_ids) - n
-            n += new
-            if last is None:
-                ttft.append(now - t_submit)
-            elif new:
-                itl.extend([(now - last) / new] * new)
-            last = now
-        return n
-    detail = 1 if mode == "attributed" else 0
-    async for out, joined in engine.generate_captured(rid, ids, params, detail=detail):
+    async for total in token_counts():
         now = time.perf_counter()
-        if detail and joined and joined[0][1]["attr"] is None:
-            raise RuntimeError("attributed mode returned no attribution: is a probe loaded?")
-        new = len(joined)
-        n += new
+        new, n = total - n, total
         if last is None:
             ttft.append(now - t_submit)
         elif new:
