@@ -102,3 +102,8 @@ def update_metadata(path: str | Path, **fields) -> dict:
 
 def state_bytes(model: ProbeModel) -> int:
     return sum(v.numel() * 4 for v in model.state_dict().values() if isinstance(v, torch.Tensor))
+
+
+def default_artifact_path(checkpoint_dir: str | Path) -> Path:
+    """Where the shipped probe for a host lives: probe/artifacts/<checkpoint folder name>.safetensors."""
+    return Path(__file__).resolve().parent / "artifacts" / f"{Path(checkpoint_dir).name}.safetensors"

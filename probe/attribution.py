@@ -3,18 +3,20 @@
 `Attributor.__call__(resid [N, L+1, d], resid_mid [N, L, d], token_ids [N], detail)` runs, batched
 over the N decisions of a step (no Python loop over tokens in the math):
 1. features   alpha [N, L, 3, k] (probe.features);
-2. host       full-vocabulary logits final_norm(h_L) @ W_U^T -> host_logprob of y, top-K candidates;
+2. host       full-vocabulary logits final_norm(h_L) @ W_U^T -> host_logprob of y, top-K candidates,
+              and the output gradient d log p(y)/d h_L projected on every basis (g_out);
 3. probe      trunk over depth, readout of y over C = top-K + y at every depth (probe.model):
               layer_gain, layer_importance, crystallization_layer, probe_prob, probe_top1;
-4. pairs      the ablation head's predicted drop per (block, family) -> family_attribution and
-              family_importance (positive parts normalized within each block);
-5. directions (detail="full" only) gradient x input of the top pair's predicted drop with respect
-              to that pair's k standardized alignment features (one backward through the head).
+4. pairs      the gradient head's amortized host gradient x input per (block, family, direction)
+              (probe.model): summed per pair -> family_attribution (nats, first-order ablation
+              drop) and family_importance (positive parts normalized within each block);
+5. directions (detail="full" only) the top pair's k gradient x input terms, largest |.| first.
+No backward pass is needed anywhere: the gradient is an output of the probe, so this also runs
+unchanged inside an engine's torch.inference_mode.
 
 Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
-probe ~19M (see probe.model) = ~49M, about a third of the host's own forward (134M); with
-detail="full" add ~3M for the head's backward. The host logits dominate; an engine that hands over
-its own logits could skip them.
+output gradient on every basis 1.7M + probe ~19M (see probe.model) = ~51M, about 38% of the host's
+own forward (134M). The host logits dominate; an engine that hands over its own logits could skip them.
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ import torch
 from torch import Tensor
 
 from probe.artifact import FingerprintMismatch, load_artifact
-from probe.features import alignment_features
+from probe.features import alignment_features, output_gradient
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
-from probe.model import ProbeModel, candidate_set, expand_drop, readout_logits
+from probe.model import ProbeModel, candidate_set, readout_logits
 from probe.names import FAMILIES
 from probe.record import Direction, TokenAttribution
 from probe.svd import SvdFactors, load_or_compute
@@ -44,7 +46,7 @@ class Attributor:
         if factors.fingerprint != metadata["host_fingerprint"]:
             raise FingerprintMismatch("<in memory>", metadata["host_fingerprint"], factors.fingerprint)
         self.host, self.factors, self.model, self.metadata = host, factors, model.eval(), metadata
-        self.proj = factors.proj
+        self.proj, self.basis = factors.proj, factors.basis
         self.L = host.n_layers
         self.top_k = model.cfg.top_k
 
@@ -64,7 +66,7 @@ class Attributor:
 
     def to(self, device: torch.device | str) -> "Attributor":
         self.host.to(device)
-        self.proj = self.proj.to(device)
+        self.proj, self.basis = self.proj.to(device), self.basis.to(device)
         self.model.to(device)
         return self
 
@@ -72,25 +74,26 @@ class Attributor:
     @torch.no_grad()
     def compute(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor) -> dict[str, Tensor]:
         """All per-token quantities as tensors (N tokens, L blocks, C = K+1 candidates):
-        alpha [N,L,3,k], alpha_std [N,L,3,k], states [N,L+1,w], host_logprob [N], host_top1 [N],
-        cand_ids [N,C], cand_valid [N,C], logp_y [N,L+1], top1 [N,L+1] bool, layer_gain [N,L+1],
-        layer_importance [N,L+1], crystallization_layer [N], family_attribution [N,L,3] (nats),
-        family_importance [N,L,3], probe_prob [N], probe_top1 [N] bool."""
-        h = self.host
+        alpha [N,L,3,k], host_logprob [N], host_top1 [N], cand_ids [N,C], cand_valid [N,C],
+        logp_y [N,L+1], top1 [N,L+1] bool, layer_gain [N,L+1], layer_importance [N,L+1],
+        crystallization_layer [N], direction_scores [N,L,3,k] (nats), family_attribution [N,L,3]
+        (nats), family_importance [N,L,3], probe_prob [N], probe_top1 [N] bool, token_ids [N]."""
+        h, m, K = self.host, self.model, self.top_k
         resid = resid.float()
         token_ids = token_ids.long()
         alpha = alignment_features(h, self.proj, resid, resid_mid)
         logits = h.logits(resid[:, -1])  # [N, V]
         host_logprob = logits.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-        cand_ids, valid = candidate_set(logits.topk(self.top_k, dim=-1).indices, token_ids, self.top_k)
+        top_logits, top_ids = logits.topk(K, dim=-1)
+        cand_ids, valid = candidate_set(top_ids, token_ids, K)
+        g_out = torch.einsum("lfkd,nd->nlfk", self.basis, output_gradient(h, resid[:, -1], token_ids, top_ids, top_logits))
 
-        m = self.model
         a = m.standardize(alpha)
         states = m.trunk(resid, a)
         r = m.corrected_resid(resid, states)
         ro = readout_logits(h.final_norm, r, h.W_U[cand_ids]).masked_fill(~valid[:, None], float("-inf"))
         logp = torch.log_softmax(ro, dim=-1)  # [N, L+1, C]
-        y_pos = torch.where(valid[:, -1], self.top_k, (cand_ids[:, :self.top_k] == token_ids[:, None]).float().argmax(1))
+        y_pos = torch.where(valid[:, -1], K, (top_ids == token_ids[:, None]).float().argmax(1))
         logp_y = logp.gather(2, y_pos[:, None, None].expand(-1, self.L + 1, 1)).squeeze(2)
         top1 = ro.argmax(-1) == y_pos[:, None]  # [N, L+1]
 
@@ -103,31 +106,16 @@ class Attributor:
         trailing = torch.flip(torch.cumprod(torch.flip(top1, [1]).long(), dim=1), [1]).sum(1)
         crystal = (self.L + 1) - trailing  # = L+1 when not top-1 at the last depth
 
-        attribution = expand_drop(m.ablation(states, a, h.W_U[token_ids]), m.cfg.drop_tau)  # [N, L, 3]
+        gamma = m.gradient(states, a, g_out, h.W_U[token_ids])
+        scores = m.scores(gamma, alpha)  # [N, L, 3, k] gradient x input per direction, nats
+        attribution = scores.sum(-1)  # [N, L, 3]
         pos_attr = attribution.clamp_min(0)
         fam_imp = pos_attr / pos_attr.sum(2, keepdim=True).clamp_min(1e-12)
-        return {"alpha": alpha, "alpha_std": a, "states": states, "host_logprob": host_logprob,
-                "host_top1": logits.argmax(-1), "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
-                "top1": top1, "layer_gain": gain, "layer_importance": importance, "crystallization_layer": crystal,
+        return {"alpha": alpha, "host_logprob": host_logprob, "host_top1": top_ids[:, 0], "cand_ids": cand_ids,
+                "cand_valid": valid, "logp_y": logp_y, "top1": top1, "layer_gain": gain,
+                "layer_importance": importance, "crystallization_layer": crystal, "direction_scores": scores,
                 "family_attribution": attribution, "family_importance": fam_imp,
                 "probe_prob": logp_y[:, -1].exp(), "probe_top1": top1[:, -1], "token_ids": token_ids}
-
-    def direction_scores(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Gradient x input of each token's top pair w.r.t. its standardized alpha.
-
-        Returns (top pair flat index [N] into L*3, scores [N, k]). Autograd is re-enabled locally so
-        this also works inside an engine's inference_mode; the trunk states are held fixed.
-        """
-        m, N = self.model, out["alpha"].shape[0]
-        top = out["family_attribution"].flatten(1).argmax(1)
-        with torch.inference_mode(False), torch.enable_grad():
-            a = out["alpha_std"].clone().requires_grad_(True)
-            states = out["states"].clone()
-            rows = self.host.W_U[out["token_ids"].clone()]
-            pred = m.ablation(states, a, rows).flatten(1)  # [N, L*3]
-            pred.gather(1, top[:, None].clone()).sum().backward()
-            scores = (a.grad * a).detach().flatten(1, 2)  # [N, L*3, k]
-        return top, scores[torch.arange(N), top]
 
     # ---- records ------------------------------------------------------------------------------
     def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor,
@@ -139,14 +127,15 @@ class Attributor:
         if resid.shape[0] != token_ids.shape[0] or resid_mid.shape[0] != token_ids.shape[0]:
             raise ValueError(f"resid {tuple(resid.shape)}, resid_mid {tuple(resid_mid.shape)} and token_ids "
                              f"{tuple(token_ids.shape)} must have the same number of rows")
-        if token_ids.shape[0] == 0:
+        N = token_ids.shape[0]
+        if N == 0:
             return []
         out = self.compute(resid, resid_mid, token_ids)
-        directions: list[list[Direction]] = [[] for _ in range(token_ids.shape[0])]
+        directions: list[list[Direction]] = [[] for _ in range(N)]
         if detail == "full":
-            top, scores = self.direction_scores(out)
-            n = min(FULL_DIRECTIONS, scores.shape[1])
-            idx = scores.abs().topk(n, dim=1).indices
+            top = out["family_attribution"].flatten(1).argmax(1)  # [N] into L*3
+            scores = out["direction_scores"].flatten(1, 2)[torch.arange(N), top]  # [N, k]
+            idx = scores.abs().topk(min(FULL_DIRECTIONS, scores.shape[1]), dim=1).indices
             vals = scores.gather(1, idx)
             for t, (p, ids, vs) in enumerate(zip(top.tolist(), idx.tolist(), vals.tolist())):
                 directions[t] = [Direction(layer=p // 3 + 1, family=FAMILIES[p % 3], index=i, score=v)
@@ -160,4 +149,4 @@ class Attributor:
             family_importance=cols["family_importance"][t], top_directions=directions[t],
             probe_prob=cols["probe_prob"][t], probe_top1=cols["probe_top1"][t],
             host_logprob=cols["host_logprob"][t], family_attribution=cols["family_attribution"][t])
-            for t in range(token_ids.shape[0])]
+            for t in range(N)]

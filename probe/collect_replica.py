@@ -6,7 +6,7 @@ Phases:
               whose decision is an emitted token (row t = position P-1+t);
 3. write    — the trace format of probe.data (the same file `alignlens trace` writes);
 4. label    — `label_trace`: for a sample of rows per prompt, the host's own ablation drop of every
-              (block, family) (probe.ablation), written beside the trace as <trace>.labels.safetensors.
+              (block, family) (probe.fast_ablation, checked against probe.ablation in tests), written beside the trace as <trace>.labels.safetensors.
 
 Phase 4 also runs on traces written by vLLM (`alignlens probe collect`), which is how the shipped
 probe's labels are made: the ablations must run on the replica, which vLLM cannot do.
@@ -23,8 +23,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from probe.ablation import DecisionAblator
-from probe.data import labels_path, prompt_indices, read_prompt, write_trace
+from probe.fast_ablation import FastAblator
+from probe.data import gradients_path, labels_path, prompt_indices, read_prompt, write_trace
 from probe.replica import capture_replica
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
     if out.is_file():
         from safetensors.torch import load_file
         done = load_file(str(out))
-    ablator = DecisionAblator(model, basis, attn_out_bias)
+    ablator = FastAblator(model, basis, attn_out_bias)
     gen = torch.Generator().manual_seed(seed)
     todo = prompt_indices(trace_path)
     pending = 0
@@ -107,6 +107,38 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
         seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
         base, drop = ablator.drops(seq, P - 1 + rows, rec["token_ids"][rows])
         done.update({f"{i}.rows": rows, f"{i}.drop": drop.float(), f"{i}.base_logprob": base.float()})
+        pending += 1
+        if pending >= save_every:
+            save_file(done, str(out), metadata={"trace": Path(trace_path).name})
+            pending = 0
+    save_file(done, str(out), metadata={"trace": Path(trace_path).name})
+    return out
+
+
+def label_gradients(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_path: str | Path,
+                    progress: bool = True, save_every: int = 50, max_rows: int = 64) -> Path:
+    """Phase 5: for EVERY row of a trace, the host's gradient of log p(y) w.r.t. each family's vector
+    at the decision position, projected on its basis (gamma [T, L, 3, k], probe.fast_ablation
+    .FastAblator.linearized), written to <trace>.gradients.safetensors. One backward pass per chunk
+    of `max_rows` rows of a sequence, ~20x cheaper per row than the ablations. Resumable."""
+    out = gradients_path(trace_path)
+    done: dict[str, Tensor] = {}
+    if out.is_file():
+        from safetensors.torch import load_file
+        done = load_file(str(out))
+    ablator = FastAblator(model, basis, attn_out_bias)
+    pending = 0
+    for i in tqdm(prompt_indices(trace_path), desc="gradient labels", disable=not progress):
+        if f"{i}.gamma" in done:
+            continue
+        rec = read_prompt(trace_path, i)
+        P, T = rec["prompt_token_ids"].shape[0], rec["token_ids"].shape[0]
+        seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
+        parts = []
+        for s in range(0, T, max_rows):
+            rows = torch.arange(s, min(T, s + max_rows))
+            parts.append(ablator.linearized(seq, P - 1 + rows, rec["token_ids"][rows])[1])
+        done[f"{i}.gamma"] = torch.cat(parts).float().contiguous()
         pending += 1
         if pending >= save_every:
             save_file(done, str(out), metadata={"trace": Path(trace_path).name})

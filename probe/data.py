@@ -6,9 +6,11 @@ prompt i:
     i.token_ids        [T]          int64, emitted tokens
     i.resid            [T, L+1, d]  row t = activations at the position whose decision is token t
     i.resid_mid        [T, L, d]
-Ablation labels (probe.collect_replica.label_trace) live in a sibling file `<trace>.labels.safetensors`:
+Host-gradient labels (probe.collect_replica.label_gradients, every row) in `<trace>.gradients.safetensors`:
+    i.gamma            [T, L, 3, k] float32, d log p(y)/d (family vector), projected on each basis
+Ablation labels (probe.collect_replica.label_trace, a sample of rows) in `<trace>.labels.safetensors`:
     i.rows             [n]          int64, which rows t of prompt i were ablated
-    i.drop             [n, L, 3]    float32 nats, log p(y) clean - ablated (probe.ablation)
+    i.drop             [n, L, 3]    float32 nats, log p(y) clean - ablated (probe.fast_ablation)
     i.base_logprob     [n]          float32 nats, clean host log p(y) on the replica
 
 `build_dataset` turns these into one `TokenSet` in memory (features and host targets computed
@@ -27,8 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from probe.features import alignment_features
+from probe.features import alignment_features, output_gradient
 from probe.host import Host
+from probe.svd import SvdFactors
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,13 @@ class TokenSet:
 
     resid: Tensor  # [N, L+1, d] float32, h_0..h_L
     alpha: Tensor  # [N, L, 3, k] float32
+    g_out: Tensor  # [N, L, 3, k] float32, output gradient on each basis (probe.features.output_gradient)
     token_ids: Tensor  # [N] int64, emitted token y
     cand_ids: Tensor  # [N, K] int64, host top-K tokens (descending)
     cand_logits: Tensor  # [N, K] float32, host logits of those tokens
     host_logprob: Tensor  # [N] float32, host log p(y) over the full vocabulary
     prompt_index: Tensor  # [N] int64, which trace prompt the row came from
+    gamma: Tensor | None = None  # [N, L, 3, k] host gradient labels (NaN where absent)
     drop: Tensor | None = None  # [N, L, 3] ablation labels (NaN where a row was not ablated)
 
     def __len__(self) -> int:
@@ -59,6 +64,13 @@ class TokenSet:
             return torch.zeros(len(self), dtype=torch.bool)
         return ~torch.isnan(self.drop).any(dim=(1, 2))
 
+    @property
+    def has_gamma(self) -> Tensor:
+        """[N] bool, rows that carry host-gradient labels."""
+        if self.gamma is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return ~torch.isnan(self.gamma).any(dim=(1, 2, 3))
+
 
 def write_trace(results: list[dict[str, Tensor]], path: str | Path, metadata: dict) -> Path:
     """Write per-prompt dicts {prompt_token_ids, token_ids, resid, resid_mid} in the trace format."""
@@ -73,6 +85,11 @@ def write_trace(results: list[dict[str, Tensor]], path: str | Path, metadata: di
 def labels_path(trace_path: str | Path) -> Path:
     p = Path(trace_path)
     return p.with_name(p.name.removesuffix(".safetensors") + ".labels.safetensors")
+
+
+def gradients_path(trace_path: str | Path) -> Path:
+    p = Path(trace_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".gradients.safetensors")
 
 
 def prompt_indices(trace_path: str | Path) -> list[int]:
@@ -102,24 +119,28 @@ def host_targets(host: Host, h_last: Tensor, token_ids: Tensor, top_k: int) -> t
     return cand_ids, cand_logits, logp_y
 
 
-@torch.no_grad()
-def build_dataset(host: Host, proj: Tensor, trace_paths: list[str | Path], top_k: int = 64,
-                  max_tokens: int | None = None, chunk: int = 256) -> TokenSet:
-    """Read trace files (and their labels files when present) into one TokenSet.
+def _load_all(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
 
-    proj [L, 3, k, d] from probe.svd. Features and host targets are computed in chunks of `chunk`
-    rows so peak memory stays near the size of the output.
+
+@torch.no_grad()
+def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path], top_k: int = 32,
+                  max_tokens: int | None = None, chunk: int = 256) -> TokenSet:
+    """Read trace files (and their labels / gradients files when present) into one TokenSet.
+
+    top_k must be the probe's K: it defines the candidate set and the softmax expectation inside
+    g_out. Features and host targets are computed in chunks of `chunk` rows.
     """
-    parts: dict[str, list[Tensor]] = {n: [] for n in ("resid", "alpha", "token_ids", "cand_ids", "cand_logits",
-                                                       "host_logprob", "prompt_index", "drop")}
+    names = ("resid", "alpha", "g_out", "token_ids", "cand_ids", "cand_logits", "host_logprob", "prompt_index",
+             "gamma", "drop")
+    parts: dict[str, list[Tensor]] = {n: [] for n in names}
     total, offset = 0, 0
-    L = host.n_layers
+    L, k = host.n_layers, factors.k
     for path in trace_paths:
-        labels = {}
-        lp = labels_path(path)
-        if lp.is_file():
-            with safe_open(str(lp), "pt") as f:
-                labels = {k: f.get_tensor(k) for k in f.keys()}
+        labels, grads = _load_all(labels_path(path)), _load_all(gradients_path(path))
         indices = prompt_indices(path)
         for i in indices:
             rec = read_prompt(path, i)
@@ -130,8 +151,12 @@ def build_dataset(host: Host, proj: Tensor, trace_paths: list[str | Path], top_k
                 break
             resid, mid, ys = rec["resid"][:T].float(), rec["resid_mid"][:T].float(), rec["token_ids"][:T]
             for s in range(0, T, chunk):
-                parts["alpha"].append(alignment_features(host, proj, resid[s:s + chunk], mid[s:s + chunk]))
-                c_ids, c_logits, lp_y = host_targets(host, resid[s:s + chunk, L], ys[s:s + chunk], top_k)
+                sl = slice(s, s + chunk)
+                alpha = alignment_features(host, factors.proj, resid[sl], mid[sl])
+                c_ids, c_logits, lp_y = host_targets(host, resid[sl, L], ys[sl], top_k)
+                g = output_gradient(host, resid[sl, L], ys[sl], c_ids, c_logits)
+                parts["alpha"].append(alpha)
+                parts["g_out"].append(torch.einsum("lfkd,nd->nlfk", factors.basis, g))
                 parts["cand_ids"].append(c_ids)
                 parts["cand_logits"].append(c_logits)
                 parts["host_logprob"].append(lp_y)
@@ -144,15 +169,19 @@ def build_dataset(host: Host, proj: Tensor, trace_paths: list[str | Path], top_k
                 keep = rows < T
                 drop[rows[keep]] = labels[f"{i}.drop"][keep].float()
             parts["drop"].append(drop)
+            gamma = grads[f"{i}.gamma"][:T].float() if f"{i}.gamma" in grads else torch.full((T, L, 3, k), float("nan"))
+            parts["gamma"].append(gamma)
             total += T
         offset += (max(indices) + 1) if indices else 0
         if max_tokens is not None and total >= max_tokens:
             break
     if total == 0:
         raise ValueError(f"no tokens found in {', '.join(map(str, trace_paths))}")
-    ds = TokenSet(**{k: torch.cat(v) for k, v in parts.items()})
+    ds = TokenSet(**{n: torch.cat(v) for n, v in parts.items()})
     if not ds.labeled.any():
         ds.drop = None
-    log.info("data: %d tokens from %d prompts (%d with ablation labels)", len(ds),
-             int(ds.prompt_index.unique().numel()), int(ds.labeled.sum()))
+    if not ds.has_gamma.any():
+        ds.gamma = None
+    log.info("data: %d tokens from %d prompts (%d with gradient labels, %d with ablation labels)", len(ds),
+             int(ds.prompt_index.unique().numel()), int(ds.has_gamma.sum()), int(ds.labeled.sum()))
     return ds

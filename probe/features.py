@@ -37,3 +37,28 @@ def alignment_features(host: Host, proj: Tensor, resid: Tensor, resid_mid: Tenso
     """alpha [N, L, 3, k] from resid [N, L+1, d], resid_mid [N, L, d] and proj [L, 3, k, d]."""
     x = family_vectors(host, resid, resid_mid)  # [N, L, 3, d]
     return torch.einsum("nlfd,lfkd->nlfk", x, proj)
+
+
+def output_gradient(host: Host, h_last: Tensor, token_ids: Tensor, cand_ids: Tensor, cand_logits: Tensor) -> Tensor:
+    """g = d log p(y) / d h_L through the host's final norm and unembedding [N, d] float32.
+
+    h_last [N, d], token_ids [N], host top-K cand_ids / cand_logits [N, K]. The expectation term of
+    the softmax uses the host's top-K renormalized (exact up to the tail mass), so no full-vocabulary
+    product is needed: u = W_U[y] - sum_c p_c W_U[c], then the final norm's vector-Jacobian product.
+    """
+    p = torch.softmax(cand_logits.float(), dim=-1)
+    u = host.W_U[token_ids] - torch.einsum("nk,nkd->nd", p, host.W_U[cand_ids])
+    return host.final_norm_vjp(h_last, u)
+
+
+def direct_effects(factors_basis: Tensor, factors_proj: Tensor, alpha: Tensor, grad: Tensor) -> Tensor:
+    """First-order direct-effect terms per singular direction [N, L, 3, k]:
+    (B_if x)_j * (B_if g)_j with B the orthonormal basis, x the family's vector, g = output_gradient.
+
+    For attn_out their sum over j is the linearized change of log p(y) through the residual stream
+    when the top-k directions of what the block wrote are removed (ignoring later blocks); for the
+    readers it measures how much the read subspace is aligned with the output gradient.
+    basis, proj [L, 3, k, d]; alpha [N, L, 3, k]; grad [N, d].
+    """
+    scale = (factors_proj.norm(dim=-1) / factors_basis.norm(dim=-1).clamp_min(1e-12))  # sigma or 1: [L, 3, k]
+    return (alpha / scale.clamp_min(1e-12)) * torch.einsum("lfkd,nd->nlfk", factors_basis, grad)

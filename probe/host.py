@@ -208,6 +208,19 @@ class Host:
         """Final norm on h [..., d] -> [..., d] float32."""
         return self._norm(h, self.final_norm_weight, self.final_norm_bias)
 
+    def final_norm_vjp(self, h: Tensor, u: Tensor) -> Tensor:
+        """d (u . final_norm(h)) / d h for h, u [..., d] (analytic, no autograd) -> [..., d] float32."""
+        h, u = h.float(), u.float()
+        v = u * self.final_norm_weight
+        d = h.shape[-1]
+        if self.family == "llama":
+            s = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
+            return s * v - (s ** 3 / d) * h * (v * h).sum(-1, keepdim=True)
+        mu = h.mean(-1, keepdim=True)
+        s = torch.rsqrt((h - mu).pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
+        xhat = (h - mu) * s
+        return s * (v - v.mean(-1, keepdim=True) - xhat * (v * xhat).mean(-1, keepdim=True))
+
     def logits(self, h: Tensor) -> Tensor:
         """Full-vocabulary logits final_norm(h) @ W_U^T: h [..., d] -> [..., vocab] float32."""
         return self.final_norm(h) @ self.W_U.T

@@ -3,7 +3,9 @@
 Inputs per decision position (L host blocks, d = d_model, k singular directions, w = width):
     resid  [N, L+1, d]   h_0..h_L
     alpha  [N, L, 3, k]  alignment features of blocks 1..L (probe.features)
-    y      [N]           the emitted token
+    g_out  [N, L, 3, k]  the output gradient d log p(y)/d h_L (through the final norm and W_U;
+                         probe.features.output_gradient) projected on every family's basis
+    y      [N]           the emitted token, entering as its unembedding row W_U[y] [N, d]
 
 Trunk (METHOD.md section 4): depth token l = 0..L
     e_l = ActProj(h_l) + AlignProj(alpha_l) + pos_l            (alpha_0 = 0)   [N, L+1, w]
@@ -18,18 +20,27 @@ with the host's frozen final norm and unembedding. Out is zero-initialised, so a
 is the logit lens; the last depth is the host's own readout (a correction there could only add
 error), which makes final-depth agreement with the host exact by construction.
 
-Ablation head (amortized ablation, METHOD.md section 4 option 2): for every (block i, family f)
-    z_if  = GELU(LN(A_f alpha_if + B y_{i+1} + C y_L + E_if))                        [a]
-    drop_if = v . GELU(W (z_if * (1 + Q W_U[y]))) + c_if                             scalar
-trained to predict the host's own ablation drop of log p(y) (probe.ablation), in a compressed unit
-t(x) = sign(x) log(1 + |x| / tau) (monotone, so rankings are unchanged). It is conditioned on the
-emitted token through its unembedding row. This is the pair attribution the service reports; it is
-faithful by construction wherever it generalises, and is checked against real ablations in eval.
+Gradient head (amortized host gradient x input; why: see below). For block i, family f:
+    z_if      = GELU(LN(A_f [alpha_if ; g_out_if] + B y_{i+1} + C y_L + E_if)) * (1 + Q W_U[y])   [a]
+    gamma_if  = c_if * g_out_if + M(z_if)                                                         [k]
+gamma_if is trained to equal the HOST's gradient of log p(y) w.r.t. the vector family f of block i
+reads (or writes) at the decision position, projected on the family's top-k basis (labels from one
+backward pass of the replica per sequence, probe.fast_ablation.FastAblator.linearized). The pair
+attribution is then gradient x input in the host's own terms:
+    score_ifj = gamma_ifj * (B_if x_if)_j        (= d log p(y)/d alpha_ifj * alpha_ifj)
+    family_attribution_if = sum_j score_ifj      (nats: first-order drop of log p(y) when the
+                                                  top-k directions are ablated)
+Why not the gradient of the probe's own readout (METHOD's default): the readout sees h_L directly,
+so its dependence on alpha is whatever the fit found convenient, not how the host uses alpha; on
+SmolLM2 that gave Spearman ~0 against real ablations. Why not regress real ablation drops directly:
+tried (amortized ablation, labels from probe.ablation); with ~1k labelled tokens it learned only the
+mean profile (Spearman 0.19), whereas the host's linearized drops reach 0.60 and cost 20x less
+to label, so every training token gets one.
 
 FLOPs per token (multiply-adds, SmolLM2-135M: L=30, d=576, k=32, w=128, a=64, 2 layers, |C|=33):
     ActProj (L+1)dw 2.3M, AlignProj 3Lkw 0.4M, encoder 2*(L+1)*12w^2 12.2M, Out (L+1)wd 2.3M,
-    readout (L+1)|C|d 0.6M, ablation head ~1.3M: about 19M MACs, plus the host's full-vocabulary
-    logits for host_logprob and the candidate set (V d = 28.3M) -- see probe.attribution.
+    readout (L+1)|C|d 0.6M, gradient head 3L(2k*a + a*a + a*k) + L*w*a = 1.4M: about 19M; plus
+    what probe.attribution adds around it (host logits 28.3M, features and g_out 3.4M).
 """
 
 from __future__ import annotations
@@ -52,22 +63,11 @@ class ProbeConfig:
     n_encoder_layers: int = 2  # pre-norm encoder layers over depth
     n_heads: int = 4  # attention heads in the encoder
     mlp_ratio: int = 4  # encoder MLP hidden = mlp_ratio * w
-    ablation_width: int = 64  # a, width of the amortized-ablation head
+    head_width: int = 64  # a, width of the gradient head
     top_k: int = 32  # K, host top-K candidates scored at serving (plus the emitted token)
-    drop_tau: float = 0.1  # nats, scale of the compressed ablation-drop unit t(x)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def compress_drop(x: Tensor, tau: float) -> Tensor:
-    """t(x) = sign(x) * log(1 + |x| / tau): the ablation head's training unit (monotone)."""
-    return torch.sign(x) * torch.log1p(x.abs() / tau)
-
-
-def expand_drop(t: Tensor, tau: float) -> Tensor:
-    """Inverse of compress_drop: back to nats."""
-    return torch.sign(t) * tau * torch.expm1(t.abs())
 
 
 class EncoderLayer(nn.Module):
@@ -90,15 +90,19 @@ class EncoderLayer(nn.Module):
 
 
 class ProbeModel(nn.Module):
-    """Trunk + readout head + ablation head (see module docstring). Host tensors are passed in, not owned."""
+    """Trunk + readout head + gradient head (see module docstring). Host tensors are passed in."""
 
     def __init__(self, cfg: ProbeConfig):
         super().__init__()
         self.cfg = cfg
-        L, d, k, w, a = cfg.n_layers, cfg.d_model, cfg.k, cfg.width, cfg.ablation_width
-        # Fixed input statistics (set from training data by probe.train; identity until then).
+        L, d, k, w, a = cfg.n_layers, cfg.d_model, cfg.k, cfg.width, cfg.head_width
+        # Fixed statistics, set from training data by probe.train (identity until then), and the
+        # host's singular values (component = alpha / comp_scale: sigma for readers, 1 for attn_out).
         self.register_buffer("alpha_mean", torch.zeros(L, 3, k))
         self.register_buffer("alpha_std", torch.ones(L, 3, k))
+        self.register_buffer("g_out_std", torch.ones(L, 3, k))
+        self.register_buffer("comp_scale", torch.ones(L, 3, k))
+        self.register_buffer("pair_scale", torch.ones(L, 3))  # typical |attribution| per pair (loss weights)
         self.act_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, w), nn.GELU())
         self.align_proj = nn.Sequential(nn.Linear(3 * k, w), nn.GELU())
         self.pos = nn.Parameter(torch.randn(L + 1, w) * 0.02)
@@ -107,15 +111,15 @@ class ProbeModel(nn.Module):
         self.out = nn.Linear(w, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        # Ablation head.
-        self.abl_alpha = nn.Parameter(torch.randn(3, k, a) / k ** 0.5)  # A_f
-        self.abl_depth = nn.Linear(w, a)  # B
-        self.abl_final = nn.Linear(w, a, bias=False)  # C
-        self.abl_pair = nn.Parameter(torch.zeros(L, 3, a))  # E_if
-        self.abl_ln = nn.LayerNorm(a)
-        self.abl_token = nn.Linear(d, a)  # Q
-        self.abl_mlp = nn.Sequential(nn.Linear(a, a), nn.GELU(), nn.Linear(a, 1))
-        self.abl_bias = nn.Parameter(torch.zeros(L, 3))  # c_if
+        # Gradient head.
+        self.g_in = nn.Parameter(torch.randn(3, 2 * k, a) / (2 * k) ** 0.5)  # A_f
+        self.g_depth = nn.Linear(w, a)  # B
+        self.g_final = nn.Linear(w, a, bias=False)  # C
+        self.g_pair = nn.Parameter(torch.zeros(L, 3, a))  # E_if
+        self.g_ln = nn.LayerNorm(a)
+        self.g_token = nn.Linear(d, a)  # Q
+        self.g_mlp = nn.Sequential(nn.Linear(a, a), nn.GELU(), nn.Linear(a, k))  # M
+        self.g_direct = nn.Parameter(torch.zeros(L, 3, k))  # c_if
 
     def standardize(self, alpha: Tensor) -> Tensor:
         """alpha [N, L, 3, k] -> standardized [N, L, 3, k]."""
@@ -136,20 +140,24 @@ class ProbeModel(nn.Module):
         corr = self.out(y[:, :-1])
         return torch.cat([resid[:, :-1] + corr, resid[:, -1:]], dim=1)
 
-    def ablation(self, y: Tensor, alpha_std: Tensor, token_rows: Tensor) -> Tensor:
-        """Predicted ablation drops in the compressed unit: y [N, L+1, w], alpha_std [N, L, 3, k],
-        token_rows = W_U[y_emitted] [N, d] -> [N, L, 3]."""
-        z = torch.einsum("nlfk,fka->nlfa", alpha_std, self.abl_alpha)
-        z = z + self.abl_depth(y[:, 1:])[:, :, None] + self.abl_final(y[:, -1])[:, None, None] + self.abl_pair
-        z = F.gelu(self.abl_ln(z))
-        q = self.abl_token(token_rows)[:, None, None]  # [N, 1, 1, a]
-        return self.abl_mlp(z * (1 + q)).squeeze(-1) + self.abl_bias
+    def gradient(self, y: Tensor, alpha_std: Tensor, g_out: Tensor, token_rows: Tensor) -> Tensor:
+        """Predicted host gradients on each basis, gamma [N, L, 3, k]: y [N, L+1, w] trunk states,
+        alpha_std [N, L, 3, k], g_out [N, L, 3, k] (raw), token_rows = W_U[y_emitted] [N, d]."""
+        g_std = g_out / self.g_out_std
+        z = torch.einsum("nlfk,fka->nlfa", torch.cat([alpha_std, g_std], dim=-1), self.g_in)
+        z = z + self.g_depth(y[:, 1:])[:, :, None] + self.g_final(y[:, -1])[:, None, None] + self.g_pair
+        z = F.gelu(self.g_ln(z)) * (1 + self.g_token(token_rows)[:, None, None])
+        return self.g_direct * g_out + self.g_mlp(z) * self.g_out_std
 
-    def forward(self, resid: Tensor, alpha: Tensor, token_rows: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (corrected residuals r [N, L+1, d], predicted compressed drops [N, L, 3])."""
+    def scores(self, gamma: Tensor, alpha: Tensor) -> Tensor:
+        """Gradient x input per direction [N, L, 3, k] (nats): gamma * component, component = alpha / scale."""
+        return gamma * (alpha / self.comp_scale)
+
+    def forward(self, resid: Tensor, alpha: Tensor, g_out: Tensor, token_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (corrected residuals r [N, L+1, d], predicted gamma [N, L, 3, k])."""
         a = self.standardize(alpha)
         y = self.trunk(resid, a)
-        return self.corrected_resid(resid, y), self.ablation(y, a, token_rows)
+        return self.corrected_resid(resid, y), self.gradient(y, a, g_out, token_rows)
 
 
 def readout_logits(final_norm, r: Tensor, W_rows: Tensor) -> Tensor:

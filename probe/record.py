@@ -17,7 +17,7 @@ class Direction:
     layer: int  # block index 1..L (depth token l reads alpha_l)
     family: str  # one of probe.names.FAMILIES
     index: int  # singular-direction index 0..k-1 (0 = largest singular value)
-    score: float  # signed gradient x input of the pair's attribution w.r.t. alpha_{l,f,index}
+    score: float  # signed gradient x input (nats) of the host's log p(y) w.r.t. alpha_{l,f,index}
 
 
 @dataclass
@@ -34,10 +34,10 @@ class TokenAttribution:
     probe_prob: float = 0.0  # probe's final-depth probability of y over the candidate set
     probe_top1: bool = False  # probe's final-depth top candidate == y
     host_logprob: float = 0.0  # host log p(y) over the full vocabulary (nats)
-    # [L][3] nats, per (block, family): the probe's predicted drop of the host's log p(y) when the
-    # top-k singular directions of that family are ablated at this position (amortized ablation,
-    # probe/model.py). The unnormalized pair attribution behind family_importance; the top pair of
-    # this array is the one top_directions explains.
+    # [L][3] nats, per (block, family): the probe's first-order estimate of how much the host's
+    # log p(y) drops when that family's top-k singular directions are ablated at this position
+    # (amortized host gradient x input, probe/model.py). The unnormalized pair attribution behind
+    # family_importance; top_directions explain this array's largest pair.
     family_attribution: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -1,16 +1,19 @@
 """Training the probe (METHOD.md section 4) and writing its artifact (section 5).
 
 Phases (log lines name them):
-1. data     — traces -> TokenSet (alignment features, host top-K targets; probe.data);
-2. stats    — per-(block, family, direction) mean/std of alpha from the training tokens (fixed buffers);
-3. fit      — AdamW with cosine decay, fixed seed. Every step takes one batch of tokens for the
-              readout loss and one batch of ablation-labelled tokens for the ablation loss:
+1. data     — traces -> TokenSet (alignment features, output gradients, host top-K targets, host
+              gradient labels; probe.data);
+2. stats    — fixed buffers: per-(block, family, direction) mean/std of alpha and std of g_out from
+              the training tokens, the host's singular values, each pair's typical attribution size;
+3. fit      — AdamW with cosine decay and a fixed seed. Every step takes one batch of tokens:
                 readout:  sum over depths l < L of KL(host || readout_l) over the host's top-K
                           plus `negatives` vocabulary rows sampled per step (the tail),
-                          + ce_weight * cross-entropy of the emitted token over C = top-K + y
-                ablation: mean squared error of the predicted compressed drop t(drop) on every
-                          (block, family), + rank_weight * a listwise ranking loss (ListNet: cross
-                          entropy between softmax(t(drop)/T) and softmax(pred/T) over the 3L pairs)
+                          + ce_weight * cross-entropy of the emitted token over C = top-K + y;
+                gradient: squared error of the predicted gradient x input terms gamma_j * component_j
+                          against the host's (labels from probe.collect_replica.label_gradients),
+                          per direction and summed per (block, family), each pair scaled by its
+                          typical size on the training data so that small pairs count as much as
+                          large ones (the faithfulness metric is a rank correlation over pairs);
 4. save     — artifact with metadata (probe.artifact).
 """
 
@@ -26,9 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from probe.data import TokenSet
+from probe.data import TokenSet, build_dataset
 from probe.host import Host
-from probe.model import ProbeConfig, ProbeModel, candidate_set, compress_drop, readout_logits
+from probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits
+from probe.names import FAMILY_INDEX
+from probe.svd import READERS, SvdFactors
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +43,14 @@ class TrainConfig:
     """Optimisation settings; stored in the artifact."""
 
     steps: int = 3000  # optimiser steps
-    batch_size: int = 64  # tokens per readout batch
-    ablation_batch_size: int = 32  # labelled tokens per ablation batch
+    batch_size: int = 64  # tokens per step
     lr: float = 2e-3  # peak AdamW learning rate (cosine decay, 100 warm-up steps)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     ce_weight: float = 0.1  # weight of the emitted-token cross-entropy beside the KL
     negatives: int = 512  # vocabulary rows sampled per step to stand in for the tail in the KL
-    ablation_weight: float = 1.0  # weight of the ablation loss
-    ablation_grad_to_trunk: bool = False  # let the ablation loss train the shared trunk too
-    rank_weight: float = 1.0  # weight of the listwise ranking term inside the ablation loss
-    rank_temperature: float = 0.5  # T of the ListNet softmax, in compressed-drop units
-    seed: int = 0  # torch seed: init, batch order
+    gradient_weight: float = 1.0  # weight of the gradient-head loss
+    pair_weight: float = 1.0  # weight of the per-pair sum term inside the gradient loss
+    seed: int = 0  # torch seed: init, batch order, negatives
     threads: int = 1  # torch CPU threads (2 is slower than 1 on a busy 2-core machine)
     max_minutes: float = 28.0  # wall-clock budget; training stops early (and says so) past it
 
@@ -61,6 +63,24 @@ def alpha_statistics(alpha: Tensor) -> tuple[Tensor, Tensor]:
     mean = alpha.mean(0)
     std = alpha.std(0)
     return mean, std.clamp_min(std.mean() * 1e-3 + 1e-8)
+
+
+def set_statistics(model: ProbeModel, data: TokenSet, factors: SvdFactors) -> None:
+    """Fixed buffers from the training data and the host's singular values (no learning)."""
+    mean, std = alpha_statistics(data.alpha)
+    model.alpha_mean.copy_(mean)
+    model.alpha_std.copy_(std)
+    g_std = data.g_out.std(0)
+    model.g_out_std.copy_(g_std.clamp_min(g_std.mean() * 1e-3 + 1e-12))
+    readers = [FAMILY_INDEX[f] for f in READERS]
+    scale = torch.ones_like(factors.sigma)
+    scale[:, readers] = factors.sigma[:, readers]
+    model.comp_scale.copy_(scale)
+    if data.gamma is not None:
+        rows = data.has_gamma
+        pair = model.scores(data.gamma[rows], data.alpha[rows]).sum(-1)  # [n, L, 3]
+        typical = pair.abs().mean(0)
+        model.pair_scale.copy_(typical.clamp_min(typical.mean() * 1e-2 + 1e-12))
 
 
 def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_weight: float,
@@ -93,72 +113,52 @@ def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_w
     return (kl + ce_weight * ce).sum(1).mean()
 
 
-def ablation_loss(pred: Tensor, drop: Tensor, tau: float, rank_weight: float, temperature: float) -> Tensor:
-    """pred [B, L, 3] compressed drops, drop [B, L, 3] nats -> MSE + rank_weight * ListNet."""
-    t = compress_drop(drop, tau).flatten(1)
-    p = pred.flatten(1)
-    mse = F.mse_loss(p, t)
-    listnet = -(F.softmax(t / temperature, 1) * F.log_softmax(p / temperature, 1)).sum(1).mean()
-    listnet = listnet + (F.softmax(t / temperature, 1) * F.log_softmax(t / temperature, 1)).sum(1).mean()
-    return mse + rank_weight * listnet
+def gradient_loss(model: ProbeModel, gamma_hat: Tensor, gamma: Tensor, alpha: Tensor, pair_weight: float) -> Tensor:
+    """Scaled squared error of gradient x input terms, per direction and per pair sum.
+    gamma_hat, gamma, alpha [B, L, 3, k]."""
+    scale = model.pair_scale[..., None]
+    err = (model.scores(gamma_hat, alpha) - model.scores(gamma, alpha)) / scale  # [B, L, 3, k]
+    return err.pow(2).sum(-1).mean() + pair_weight * err.sum(-1).pow(2).mean()
 
 
-def _batch(ds: TokenSet, idx: Tensor) -> TokenSet:
-    return ds.subset(idx)
-
-
-def train(host: Host, data: TokenSet, probe_cfg: ProbeConfig, cfg: TrainConfig,
+def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfig, cfg: TrainConfig,
           progress: bool = True) -> tuple[ProbeModel, dict]:
     """Fit a probe on `data`; returns (model in eval mode, summary for the artifact metadata)."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     model = ProbeModel(probe_cfg)
-    mean, std = alpha_statistics(data.alpha)
-    model.alpha_mean.copy_(mean)
-    model.alpha_std.copy_(std)
-    log.info("stats: alpha statistics from %d tokens", len(data))
-    labeled = torch.nonzero(data.labeled).squeeze(1)
-    use_ablation = labeled.numel() > 0 and cfg.ablation_weight > 0
-    if not use_ablation:
-        log.warning("fit: no ablation labels in the data; the ablation head stays untrained and the "
+    set_statistics(model, data, factors)
+    log.info("stats: input statistics from %d tokens", len(data))
+    use_gradient = data.gamma is not None and cfg.gradient_weight > 0
+    if not use_gradient:
+        log.warning("fit: no gradient labels in the data; the gradient head stays untrained and the "
                     "artifact will say so")
-    else:  # start the per-pair bias at the mean compressed drop, so the head fits deviations
-        with torch.no_grad():
-            model.abl_bias.copy_(compress_drop(data.drop[labeled], probe_cfg.drop_tau).mean(0))
+    rows = torch.nonzero(data.has_gamma).squeeze(1) if use_gradient else torch.arange(len(data))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(100, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(len(data), generator=gen), 0
-    l_order, l_pos = (labeled[torch.randperm(labeled.numel(), generator=gen)], 0) if use_ablation else (None, 0)
+    order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress)
     steps_done, stopped_early = 0, False
     ema: dict[str, float] = {}
     for step in bar:
         if pos + cfg.batch_size > len(order):
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        b = _batch(data, order[pos:pos + cfg.batch_size])
+            order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
+        b = data.subset(order[pos:pos + cfg.batch_size])
         pos += cfg.batch_size
-        r = model.corrected_resid(b.resid, model.trunk(b.resid, model.standardize(b.alpha)))
+        r, gamma_hat = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids])
         negatives = torch.randperm(host.vocab_size, generator=gen)[:cfg.negatives]
         loss_r = readout_loss(host, model, r, b, cfg.ce_weight, negatives)
         loss = loss_r
-        if use_ablation:
-            if l_pos + cfg.ablation_batch_size > len(l_order):
-                l_order, l_pos = labeled[torch.randperm(labeled.numel(), generator=gen)], 0
-            lb = _batch(data, l_order[l_pos:l_pos + cfg.ablation_batch_size])
-            l_pos += cfg.ablation_batch_size
-            a = model.standardize(lb.alpha)
-            with torch.set_grad_enabled(cfg.ablation_grad_to_trunk):
-                states = model.trunk(lb.resid, a)
-            pred = model.ablation(states, a, host.W_U[lb.token_ids])
-            loss_a = ablation_loss(pred, lb.drop, probe_cfg.drop_tau, cfg.rank_weight, cfg.rank_temperature)
-            loss = loss + cfg.ablation_weight * loss_a
-            ema["abl"] = 0.98 * ema.get("abl", loss_a.item()) + 0.02 * loss_a.item()
         ema["readout"] = 0.98 * ema.get("readout", loss_r.item()) + 0.02 * loss_r.item()
+        if use_gradient:
+            loss_g = gradient_loss(model, gamma_hat, b.gamma, b.alpha, cfg.pair_weight)
+            loss = loss + cfg.gradient_weight * loss_g
+            ema["gradient"] = 0.98 * ema.get("gradient", loss_g.item()) + 0.02 * loss_g.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -173,9 +173,47 @@ def train(host: Host, data: TokenSet, probe_cfg: ProbeConfig, cfg: TrainConfig,
                         steps_done, cfg.steps, cfg.max_minutes)
             break
     seconds = time.perf_counter() - start
-    log.info("fit: %d steps in %.1f s (readout loss %.4f%s)", steps_done, seconds, ema["readout"],
-             f", ablation loss {ema['abl']:.4f}" if "abl" in ema else "")
+    log.info("fit: %d steps in %.1f s (losses %s)", steps_done, seconds,
+             ", ".join(f"{k} {v:.4f}" for k, v in ema.items()))
     summary = {"training_seconds": round(seconds, 1), "steps_done": steps_done, "stopped_early": stopped_early,
-               "final_losses": {k: round(v, 5) for k, v in ema.items()},
-               "ablation_head_trained": use_ablation}
+               "final_losses": {k: round(v, 5) for k, v in ema.items()}, "gradient_head_trained": use_gradient}
     return model.eval(), summary
+
+
+def train_artifact(checkpoint_dir: str, trace_paths: list[str], out_path: str, probe_overrides: dict | None = None,
+                   cfg: TrainConfig | None = None, max_tokens: int | None = None, progress: bool = True) -> dict:
+    """The whole `alignlens probe train`: host + SVD factors, data, fit, artifact. Returns the metadata."""
+    from probe.artifact import save_artifact
+    from probe.data import trace_metadata
+    from probe.fingerprint import host_fingerprint
+    from probe.svd import load_or_compute
+
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    host = Host.from_checkpoint(checkpoint_dir)
+    fingerprint = host_fingerprint(host)
+    probe_cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, **(probe_overrides or {}))
+    factors = load_or_compute(host, probe_cfg.k)
+    log.info("data: reading %s", ", ".join(map(str, trace_paths)))
+    data = build_dataset(host, factors, trace_paths, top_k=probe_cfg.top_k, max_tokens=max_tokens)
+    model, summary = train(host, data, factors, probe_cfg, cfg, progress=progress)
+    labeled = data.labeled
+    meta = {
+        "host_fingerprint": fingerprint,
+        "host_spec": host.spec.to_dict(),
+        "family_map": host.describe(),
+        "k": probe_cfg.k,
+        "train_config": cfg.to_dict(),
+        "data": {"traces": [{"file": str(p), "metadata": trace_metadata(p)} for p in trace_paths],
+                 "tokens": len(data), "prompts": int(data.prompt_index.unique().numel()),
+                 "gradient_labelled_tokens": int(data.has_gamma.sum()),
+                 "ablation_labelled_tokens": int(labeled.sum()),
+                 "train_mean_drop": data.drop[labeled].mean(0).tolist() if labeled.any() else None},
+        "training_seconds": round(time.perf_counter() - start, 1),
+        "fit": summary,
+        "evaluation": None,
+    }
+    save_artifact(out_path, model, meta)
+    log.info("save: %s (%.1f s in all)", out_path, meta["training_seconds"])
+    return meta

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from probe.collect_replica import collect, label_trace
-from probe.data import build_dataset, labels_path, read_prompt
+from probe.collect_replica import collect, label_gradients, label_trace
+from probe.data import build_dataset, gradients_path, labels_path, read_prompt
 from probe.host import Host
 from probe.svd import compute_factors
 from probe_tiny import tiny_llama
@@ -29,10 +29,12 @@ def test_collect_label_build(tmp_path):
     torch.testing.assert_close(host.logits(rec["resid"][:, -1]), logits, rtol=1e-4, atol=1e-4)
 
     label_trace(model, fac.basis, host.attn_out_bias, path, rows_per_prompt=2, progress=False)
-    assert labels_path(path).is_file()
-    ds = build_dataset(host, fac.proj, [path], top_k=5)
+    label_gradients(model, fac.basis, host.attn_out_bias, path, progress=False, max_rows=4)
+    assert labels_path(path).is_file() and gradients_path(path).is_file()
+    ds = build_dataset(host, fac, [path], top_k=5)
     assert len(ds) == 18 and ds.alpha.shape == (18, host.n_layers, 3, K)
-    assert ds.cand_ids.shape == (18, 5) and int(ds.labeled.sum()) == 6
+    assert ds.cand_ids.shape == (18, 5) and int(ds.labeled.sum()) == 6 and bool(ds.has_gamma.all())
+    assert ds.gamma.shape == ds.alpha.shape == ds.g_out.shape
     torch.testing.assert_close(ds.host_logprob[6:12],
                                torch.log_softmax(logits, -1).gather(1, rec["token_ids"][:, None]).squeeze(1),
                                rtol=1e-4, atol=1e-4)

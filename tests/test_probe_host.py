@@ -89,3 +89,12 @@ def test_top_singular_matches_svd():
     U, S_ref, Vh = torch.linalg.svd(W, full_matrices=False)
     torch.testing.assert_close(S, S_ref[:16])
     torch.testing.assert_close((rows * Vh[:16]).sum(1).abs(), torch.ones(16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
+def test_final_norm_vjp_matches_autograd(make):
+    host = Host.from_model(make())
+    h = torch.randn(3, host.d_model, requires_grad=True)
+    u = torch.randn(3, host.d_model)
+    (host.final_norm(h) * u).sum().backward()
+    torch.testing.assert_close(host.final_norm_vjp(h.detach(), u), h.grad, rtol=1e-4, atol=1e-5)

@@ -9,12 +9,13 @@ import torch
 
 from probe.artifact import FingerprintMismatch, load_artifact, read_metadata, save_artifact
 from probe.attribution import Attributor
-from probe.collect_replica import capture, label_trace
+from probe.collect_replica import capture, label_gradients
 from probe.data import build_dataset, write_trace
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
 from probe.model import ProbeConfig, ProbeModel
 from probe.names import FAMILIES
+from probe.evaluate import spearman
 from probe.svd import load_or_compute
 from probe.train import TrainConfig, train
 from probe_tiny import tiny_gpt2, tiny_llama
@@ -24,7 +25,7 @@ K = 8
 
 def _cfg(host: Host) -> ProbeConfig:
     return ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=K, width=32, n_encoder_layers=1,
-                       n_heads=2, ablation_width=16, top_k=8)
+                       n_heads=2, head_width=16, top_k=8)
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +45,17 @@ def tiny_setup(tmp_path_factory):
     records = [capture(model, s[:4], s[4:]) for s in seqs]
     train_path = write_trace(records[:60], tmp / "train.safetensors", {})
     test_path = write_trace(records[60:], tmp / "test.safetensors", {})
-    label_trace(model, fac.basis, host.attn_out_bias, train_path, rows_per_prompt=1, progress=False)
-    train_ds = build_dataset(host, fac.proj, [train_path], top_k=8)
-    test_ds = build_dataset(host, fac.proj, [test_path], top_k=8)
+    for path in (train_path, test_path):
+        label_gradients(model, fac.basis, host.attn_out_bias, path, progress=False)
+    train_ds = build_dataset(host, fac, [train_path], top_k=8)
+    test_ds = build_dataset(host, fac, [test_path], top_k=8)
     return model, host, fac, train_ds, test_ds, tmp
 
 
 def _final_agreement_of_depth(model: ProbeModel, host: Host, ds, depth: int) -> float:
     """Top-1 agreement with the host over the full vocabulary of the readout at `depth`."""
     with torch.no_grad():
-        r, _ = model(ds.resid, ds.alpha, host.W_U[ds.token_ids])
+        r, _ = model(ds.resid, ds.alpha, ds.g_out, host.W_U[ds.token_ids])
         return (host.logits(r[:, depth]).argmax(-1) == ds.cand_ids[:, 0]).float().mean().item()
 
 
@@ -62,9 +64,11 @@ def test_trained_probe_beats_untrained_null(tiny_setup):
     cfg = _cfg(host)
     torch.manual_seed(0)
     null = ProbeModel(cfg).eval()
-    model, summary = train(host, train_ds, cfg, TrainConfig(steps=300, batch_size=32, ablation_batch_size=8,
-                                                            lr=3e-3, negatives=64), progress=False)
-    assert summary["ablation_head_trained"]
+    model, summary = train(host, train_ds, fac, cfg, TrainConfig(steps=300, batch_size=32, lr=3e-3, negatives=64),
+                           progress=False)
+    assert summary["gradient_head_trained"]
+    for name, buf in model.named_buffers():
+        null.get_buffer(name).copy_(buf)
     L = host.n_layers
     # final depth is the host by construction, for both
     assert _final_agreement_of_depth(model, host, test_ds, L) == 1.0
@@ -72,6 +76,15 @@ def test_trained_probe_beats_untrained_null(tiny_setup):
     trained = sum(_final_agreement_of_depth(model, host, test_ds, l) for l in range(1, L))
     untrained = sum(_final_agreement_of_depth(null, host, test_ds, l) for l in range(1, L))
     assert trained > untrained + 0.1, (trained, untrained)
+    # the gradient head's pair attributions track the host's own linearized drops; the null's do not
+    host_lin = model.scores(test_ds.gamma, test_ds.alpha).sum(-1).flatten(1)
+
+    def rho(m: ProbeModel) -> float:
+        with torch.no_grad():
+            _, gamma = m(test_ds.resid, test_ds.alpha, test_ds.g_out, host.W_U[test_ds.token_ids])
+        return float(spearman(m.scores(gamma, test_ds.alpha).sum(-1).flatten(1), host_lin).mean())
+
+    assert rho(model) > rho(null) + 0.15 and abs(rho(null)) < 0.1, (rho(model), rho(null))
 
 
 def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):

@@ -1,0 +1,234 @@
+"""Evaluation of a trained probe (METHOD.md section 6) on held-out generated tokens.
+
+Phases (log lines name them):
+1. data         — held-out prompts (probe.prompts.split) generated and captured on the transformers
+                  replica, cached under $ALIGNLENS_HOME/probe-eval/, or a given trace file;
+2. depth        — at every depth l, over the FULL vocabulary: KL(host || readout_l) and top-1
+                  agreement with the host, for the probe, its untrained null, and the logit lens
+                  (final norm + unembedding on h_l); final_top1_agreement is the last depth's;
+3. ablation     — for the first `ablation_tokens` tokens, the host's own drop of log p(y) when the
+                  top-k singular directions of each (block, family) are projected out at the decision
+                  position (probe.fast_ablation, prefix cache reused);
+4. faithfulness — per token, Spearman correlation across the 3L pairs between the probe's pair
+                  attribution (family_attribution) and the ablation drop, averaged over tokens; and
+                  top_vs_random = mean drop of each token's top-attributed pair / mean drop of a
+                  uniformly random pair (the mean over pairs, i.e. its expectation). The same for
+                  the untrained null probe and for reference mechanisms: gradient x input of the
+                  probe readout (mean over depths of log p_l(y)), the training-set mean ablation
+                  profile (no token dependence), family_importance as normalized per block, the
+                  host's own linearized drops (the ceiling the gradient head is trained towards),
+                  and magnitudes (|attribution| against |drop|).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from probe.attribution import Attributor
+from probe.data import TokenSet, build_dataset, prompt_indices, read_prompt
+from probe.fast_ablation import FastAblator
+from probe.model import ProbeModel, readout_logits
+from probe.prompts import encode_prompt, read_prompts, split
+from probe.svd import alignlens_home
+
+log = logging.getLogger(__name__)
+
+
+def spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise Spearman correlation of a, b [N, P] (average ranks for ties) -> [N]."""
+    def ranks(x: Tensor) -> Tensor:
+        order = x.argsort(dim=1)
+        r = torch.empty_like(x)
+        r.scatter_(1, order, torch.arange(x.shape[1], dtype=x.dtype).expand_as(x).contiguous())
+        # average ties: rank of equal values = mean of their positions
+        out = torch.empty_like(r)
+        for i in range(x.shape[0]):
+            _, inv, counts = torch.unique(x[i], return_inverse=True, return_counts=True)
+            sums = torch.zeros(counts.shape[0], dtype=x.dtype).index_add_(0, inv, r[i])
+            out[i] = (sums / counts)[inv]
+        return out
+    ra, rb = ranks(a.double()), ranks(b.double())
+    ra = ra - ra.mean(1, keepdim=True)
+    rb = rb - rb.mean(1, keepdim=True)
+    den = (ra.norm(dim=1) * rb.norm(dim=1)).clamp_min(1e-12)
+    return ((ra * rb).sum(1) / den).float()
+
+
+def faithfulness(attribution: Tensor, drop: Tensor) -> dict[str, float]:
+    """attribution, drop [M, L, 3] -> spearman (mean over tokens) and top_vs_random."""
+    a, d = attribution.flatten(1), drop.flatten(1)
+    rho = spearman(a, d)
+    top = d.gather(1, a.argmax(1, keepdim=True)).squeeze(1)
+    return {"spearman": float(rho.mean()), "top_vs_random": float(top.mean() / d.mean().clamp_min(1e-12)),
+            "top_drop_nats": float(top.mean()), "random_drop_nats": float(d.mean())}
+
+
+@torch.no_grad()
+def depth_curves(att: Attributor, model: ProbeModel, data: TokenSet, chunk: int = 64) -> dict[str, list[float]]:
+    """Full-vocabulary KL(host || readout_l) and top-1 agreement per depth, for `model`'s readout
+    and for the logit lens, on `data` (rows of resid h_0..h_L)."""
+    h = att.host
+    L = h.n_layers
+    sums = {k: torch.zeros(L + 1, dtype=torch.float64) for k in ("kl", "top1", "lens_kl", "lens_top1")}
+    for s in range(0, len(data), chunk):
+        resid, alpha = data.resid[s:s + chunk], data.alpha[s:s + chunk]
+        r = model.corrected_resid(resid, model.trunk(resid, model.standardize(alpha)))
+        host_lp = torch.log_softmax(h.logits(resid[:, L]), -1)
+        host_top = host_lp.argmax(-1)
+        p = host_lp.exp()
+        for l in range(L + 1):
+            for key, x in (("", r[:, l]), ("lens_", resid[:, l])):
+                lp = torch.log_softmax(h.logits(x), -1)
+                sums[key + "kl"][l] += (p * (host_lp - lp)).sum(-1).clamp_min(0).sum().double()
+                sums[key + "top1"][l] += (lp.argmax(-1) == host_top).sum().double()
+    return {k: (v / len(data)).tolist() for k, v in sums.items()}
+
+
+def gradxinput_attribution(att: Attributor, data: TokenSet, out: dict[str, Tensor], chunk: int = 64) -> Tensor:
+    """Reference mechanism: per (block, family), sum over directions of gradient x input of the mean
+    over depths of the readout's log p_l(y) (over the served candidate set) w.r.t. standardized
+    alpha -> [N, L, 3]. (The last depth is the host itself and contributes no gradient.)"""
+    h, model = att.host, att.model
+    parts = []
+    for s in range(0, len(data), chunk):
+        sl = slice(s, s + chunk)
+        with torch.enable_grad():
+            a = model.standardize(data.alpha[sl]).requires_grad_(True)
+            r = model.corrected_resid(data.resid[sl], model.trunk(data.resid[sl], a))
+            ro = readout_logits(h.final_norm, r, h.W_U[out["cand_ids"][sl]])
+            ro = ro.masked_fill(~out["cand_valid"][sl][:, None], float("-inf"))
+            lp = torch.log_softmax(ro, -1)
+            y_pos = (out["cand_ids"][sl] == data.token_ids[sl, None]) & out["cand_valid"][sl]
+            lp_y = (lp.masked_fill(~y_pos[:, None], 0.0)).sum(-1)  # [n, L+1]
+            lp_y.mean(1).sum().backward()
+        parts.append((a.grad * a).sum(-1).detach())
+    return torch.cat(parts)
+
+
+def eval_trace(model_tf: nn.Module, tokenizer, fingerprint: str, n_prompts: int | None, max_tokens: int,
+               temperature: float, seed: int, progress: bool = True) -> Path:
+    """The held-out evaluation trace for this host, generated on the replica once and cached."""
+    from probe.collect_replica import collect
+
+    rows = split(read_prompts(), held_out=True)[:n_prompts]
+    key = hashlib.sha256(json.dumps([rows, max_tokens, temperature, seed]).encode()).hexdigest()[:12]
+    path = alignlens_home() / "probe-eval" / f"{fingerprint[:16]}-{key}.safetensors"
+    if not path.is_file():
+        log.info("data: generating %d held-out prompts on the replica -> %s", len(rows), path)
+        ids = [encode_prompt(tokenizer, r) for r in rows]
+        tmp = path.with_name(path.name + ".tmp.safetensors")
+        collect(model_tf, ids, max_tokens, temperature, tmp, seed=seed, eos_token_id=tokenizer.eos_token_id,
+                progress=progress, metadata={"split": "held-out"})
+        tmp.replace(path)
+    return path
+
+
+def evaluate(att: Attributor, model_tf: nn.Module, trace_path: str | Path, tokens: int, ablation_tokens: int,
+             seed: int = 0, progress: bool = True) -> dict:
+    """All METHOD.md section 6 numbers for `att` (trained) against an untrained null of the same shape."""
+    start = time.perf_counter()
+    h = att.host
+    data = build_dataset(h, att.factors, [trace_path], top_k=att.top_k, max_tokens=tokens)
+    torch.manual_seed(seed)
+    null = ProbeModel(att.model.cfg).eval()
+    for name, buf in att.model.named_buffers():  # same fixed statistics: only training differs
+        null.get_buffer(name).copy_(buf)
+    null_att = Attributor(h, att.factors, null, att.metadata)
+
+    log.info("depth: full-vocabulary curves on %d tokens", len(data))
+    trained = depth_curves(att, att.model, data)
+    untrained = depth_curves(att, null, data)
+
+    # ablation on the first positions of each prompt until ablation_tokens are reached
+    log.info("ablation: host ablations of %d (block, family) pairs on up to %d tokens", 3 * h.n_layers,
+             ablation_tokens)
+    ablator = FastAblator(model_tf, att.factors.basis, h.attn_out_bias)
+    drops, lins, rows_used = [], [], []
+    offset = 0
+    for i in tqdm(prompt_indices(trace_path), desc="ablation", disable=not progress):
+        if sum(len(r) for r in rows_used) >= min(ablation_tokens, len(data)):
+            break
+        rec = read_prompt(trace_path, i)
+        T = rec["token_ids"].shape[0]
+        take = min(T, ablation_tokens - sum(len(r) for r in rows_used), len(data) - offset)
+        if take <= 0:
+            break
+        P = rec["prompt_token_ids"].shape[0]
+        seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
+        t = torch.arange(take)
+        _, drop = ablator.drops(seq, P - 1 + t, rec["token_ids"][t])
+        lin, _ = ablator.linearized(seq, P - 1 + t, rec["token_ids"][t])
+        drops.append(drop)
+        lins.append(lin)
+        rows_used.append(offset + t)
+        offset += T
+    drop, lin = torch.cat(drops), torch.cat(lins)
+    idx = torch.cat(rows_used)
+    sub = data.subset(idx)
+    trace_rows = _resid_mid_rows(trace_path, idx, data)
+
+    def attributions(a: Attributor) -> dict[str, Tensor]:
+        return a.compute(sub.resid, trace_rows, sub.token_ids)
+
+    log.info("faithfulness: %d tokens x %d pairs", drop.shape[0], drop[0].numel())
+    out_t, out_n = attributions(att), attributions(null_att)
+    f_t = faithfulness(out_t["family_attribution"], drop)
+    f_n = faithfulness(out_n["family_attribution"], drop)
+    f_fi = faithfulness(out_t["family_importance"], drop)
+    f_gxi = faithfulness(gradxinput_attribution(att, sub, out_t), drop)
+    f_lin = faithfulness(lin, drop)
+    f_abs = faithfulness(out_t["family_attribution"].abs(), drop.abs())
+    f_abs_null = faithfulness(out_n["family_attribution"].abs(), drop.abs())
+    result = {
+        "tokens": len(data),
+        "ablation_tokens": int(drop.shape[0]),
+        "final_top1_agreement": trained["top1"][-1],
+        "final_top1_agreement_null": untrained["top1"][-1],
+        "depth_kl": trained["kl"], "logit_lens_kl": trained["lens_kl"], "null_depth_kl": untrained["kl"],
+        "depth_top1": trained["top1"], "logit_lens_top1": trained["lens_top1"], "null_depth_top1": untrained["top1"],
+        "depth_kl_below_logit_lens": [a < b - 1e-9 for a, b in zip(trained["kl"][:-1], trained["lens_kl"][:-1])],
+        "faithfulness_spearman": f_t["spearman"], "faithfulness_top_vs_random": f_t["top_vs_random"],
+        "null_faithfulness_spearman": f_n["spearman"], "null_faithfulness_top_vs_random": f_n["top_vs_random"],
+        "faithfulness_top_drop_nats": f_t["top_drop_nats"], "faithfulness_random_drop_nats": f_t["random_drop_nats"],
+        "family_importance_spearman": f_fi["spearman"],
+        "magnitude_faithfulness_spearman": f_abs["spearman"],
+        "null_magnitude_faithfulness_spearman": f_abs_null["spearman"],
+        "host_linearized_faithfulness_spearman": f_lin["spearman"],
+        "host_linearized_faithfulness_top_vs_random": f_lin["top_vs_random"],
+        "gradxinput_faithfulness_spearman": f_gxi["spearman"],
+        "gradxinput_faithfulness_top_vs_random": f_gxi["top_vs_random"],
+        "probe_top1_rate": float(out_t["probe_top1"].float().mean()),
+        "mean_crystallization_layer": float(out_t["crystallization_layer"].float().mean()),
+    }
+    mean_profile = att.metadata.get("data", {}).get("train_mean_drop")
+    if mean_profile is not None:
+        f_m = faithfulness(torch.tensor(mean_profile).expand_as(drop), drop)
+        result["mean_profile_faithfulness_spearman"] = f_m["spearman"]
+        result["mean_profile_faithfulness_top_vs_random"] = f_m["top_vs_random"]
+    result["eval_seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def _resid_mid_rows(trace_path: str | Path, idx: Tensor, data: TokenSet) -> Tensor:
+    """resid_mid rows [M, L, d] for dataset rows idx (TokenSet keeps only resid)."""
+    out = []
+    offset = 0
+    wanted = set(idx.tolist())
+    for i in prompt_indices(trace_path):
+        rec = read_prompt(trace_path, i)
+        T = rec["token_ids"].shape[0]
+        for t in range(T):
+            if offset + t in wanted:
+                out.append(rec["resid_mid"][t].float())
+        offset += T
+        if offset > max(wanted):
+            break
+    return torch.stack(out)
