@@ -28,6 +28,7 @@ class Admission:
         self._metrics = metrics
         self.running = 0
         self.waiting = 0
+        self.admitted_total = 0  # requests that entered the engine, ever
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -54,6 +55,7 @@ class Admission:
             self.waiting -= 1
             self._update()
         self.running += 1
+        self.admitted_total += 1
         self._update()
         try:
             yield

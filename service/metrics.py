@@ -15,7 +15,8 @@ Serving (vLLM's names where it has them):
     alignlens_requests_waiting             gauge      requests waiting for an engine slot
     alignlens_queue_capacity               gauge      most requests that may wait (max_queue)
     alignlens_engine_healthy               gauge      1 while the engine is alive and serving
-Capture buffers (refreshed every health poll; all 0 when nothing is in flight, else a leak):
+Capture buffers (refreshed every health poll while requests run and until they read 0 after;
+all 0 when nothing is in flight, else a leak):
     alignlens_capture_open_requests        gauge      requests with a server-side record buffer
     alignlens_capture_buffered_records     gauge      records received but not yet streamed
     alignlens_capture_worker_requests      gauge      requests the worker still tracks

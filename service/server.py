@@ -105,18 +105,32 @@ class Server:
         return server
 
     async def _watch_engine(self) -> None:
-        """Phase 5: poll the engine's liveness (a dead engine never comes back) and its buffers."""
-        engine = self.state.engine
+        """Phase 5: poll the engine's liveness (a dead engine never comes back) and its buffers.
+
+        Liveness is a local flag. Buffer counts need a call into the worker, and every call keeps
+        the worker's shared-memory reader busy-spinning for a second (vLLM's SpinCondition), so
+        an idle server polling them would burn a core: they are read only while requests run,
+        and until one reading after the last request shows everything freed.
+        """
+        engine, admission = self.state.engine, self.state.admission
+        seen_admitted, dirty = admission.admitted_total, False
         while True:
             await asyncio.sleep(self.config.health_poll_seconds)
             if not self.state.engine_alive():
                 log.error("the inference engine died: health NOT_SERVING, RPCs UNAVAILABLE")
                 await self._set_health(False)
                 return
+            if not (dirty or admission.running or admission.admitted_total != seen_admitted):
+                continue
+            seen_admitted = admission.admitted_total
             try:
-                self.state.metrics.observe_capture(await asyncio.wait_for(engine.stats(), 10.0))
+                stats = await asyncio.wait_for(engine.stats(), 10.0)
             except Exception as exc:  # noqa: BLE001 - a busy or dying engine; liveness decides next round
                 log.debug("capture stats unavailable: %s", exc)
+                continue
+            self.state.metrics.observe_capture(stats)
+            dirty = any(stats["server"].get(k) for k in ("open_requests", "buffered_records")) or bool(
+                stats["worker"].get("tracked_requests"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

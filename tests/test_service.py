@@ -9,6 +9,7 @@ Tests run in file order; the last one drains the shared server with SIGTERM.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import socket
@@ -105,8 +106,11 @@ def make_probe_artifact(model: Path, out: Path, fingerprint: str | None = None) 
     import torch
 
     torch.manual_seed(0)
-    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=8, width=32, n_encoder_layers=1, n_heads=2,
-                      ablation_width=16, top_k=8)
+    # Small sizes for the fields that exist (the probe's hyper-parameters evolve independently of
+    # this test, which only needs some artifact of the right host).
+    small = dict(k=8, width=32, n_encoder_layers=1, n_heads=2, head_width=16, ablation_width=16, top_k=8)
+    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
+    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, **{k: v for k, v in small.items() if k in fields})
     return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": fingerprint or host_fingerprint(host),
                                                        "k": 8, "family_map": host.describe()})
 
