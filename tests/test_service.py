@@ -257,6 +257,29 @@ def test_cancel_and_deadline_free_everything(server):
     assert m[("alignlens_requests_total", (("code", "DEADLINE_EXCEEDED"), ("rpc", "Generate")))] >= 1
 
 
+def test_cli_generate_json_and_audit(server, tmp_path):
+    import json
+
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    cli = [sys.executable, "-m", "service.cli"]
+    out = subprocess.run([*cli, "generate", PROMPTS[0], "--max-tokens", "6", "--detail", "summary", "--json", *target],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 0 and len(lines) == 7 and "finished" in lines[-1], out.stderr[-2000:]
+    assert all(line["attribution"]["layer_gain"] for line in lines[:-1])
+    logs = tmp_path / "logs.jsonl"
+    ids = [line["token_id"] for line in lines[:-1]]
+    logs.write_text(json.dumps({"id": "a", "prompt": lines[-1]["finished"]["prompt_token_ids"], "completion": ids})
+                    + "\n" + json.dumps({"id": "b", "prompt": "Hi", "completion": ""}) + "\n")
+    result = tmp_path / "out.jsonl"
+    out = subprocess.run([*cli, "audit", "--in", str(logs), "--out", str(result), "--detail", "summary", *target],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "1 of 2 lines failed" in out.stderr  # line b has an empty completion
+    first, second = [json.loads(line) for line in result.read_text().splitlines()]
+    assert [t["token_id"] for t in first["tokens"]] == ids and first["tokens"][0]["attribution"]["layer_gain"]
+    assert second["error"]["code"] == "INVALID_ARGUMENT"
+
+
 def _gen(prompt=None, detail=pb2.ATTRIBUTION_DETAIL_NONE, request_id="", **sampling) -> "pb2.GenerateRequest":
     return pb2.GenerateRequest(prompt=prompt, sampling=pb2.SamplingParameters(**sampling), detail=detail,
                                request_id=request_id)
@@ -296,8 +319,14 @@ BAD_AUDIT = [
 ]
 
 
+def _invalid_argument_count(server) -> float:
+    return sum(v for (name, labels), v in server.metrics().items()
+               if name == "alignlens_requests_total" and ("code", "INVALID_ARGUMENT") in labels)
+
+
 def test_bad_inputs_are_invalid_argument_and_harmless(server):
     stub = server.client.stub
+    before = _invalid_argument_count(server)
     for request, field in BAD_GENERATE + BAD_AUDIT:
         with pytest.raises(grpc.RpcError) as err:
             if isinstance(request, pb2.AuditRequest):
@@ -310,10 +339,7 @@ def test_bad_inputs_are_invalid_argument_and_harmless(server):
     assert server.client.health() == "SERVING"
     tokens, fin = _generate(server.client, "Hello", max_tokens=3, detail="none")
     assert len(tokens) == 3 and fin.completion_tokens == 3
-    n_bad = len(BAD_GENERATE) + len(BAD_AUDIT)
-    m = server.metrics()
-    assert sum(v for (name, labels), v in m.items() if name == "alignlens_requests_total"
-               and ("code", "INVALID_ARGUMENT") in labels) == n_bad
+    assert _invalid_argument_count(server) - before == len(BAD_GENERATE) + len(BAD_AUDIT)
 
 
 def test_full_queue_is_resource_exhausted(server):
