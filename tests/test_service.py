@@ -189,6 +189,23 @@ def test_generate_fields_and_shapes(server, tiny_llama):
     assert plain[0]["attribution"] is None and [t["token_id"] for t in plain] == ids[:4]
 
 
+def test_stop_strings_and_chat_prompts(server, tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokens, _ = _generate(server.client, PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True, detail="none")
+    text = "".join(t["text"] for t in tokens)
+    stop = next(text[i:i + 3] for i in range(4, len(text) - 3) if text[i:i + 3].strip())
+    cut, fin = _generate(server.client, PROMPTS[1], max_tokens=24, temperature=0, ignore_eos=True, detail="none",
+                         stop=[stop])
+    assert fin.finish_reason == pb2.FINISH_REASON_STOP_STRING and fin.stop_string == stop
+    assert "".join(t["text"] for t in cut) == text[:text.find(stop)]  # the stop string is not shown
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    _, fin = _generate(server.client, turns, max_tokens=2, detail="none")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    assert list(fin.prompt_token_ids) == tokenizer.apply_chat_template(turns, add_generation_prompt=True,
+                                                                       tokenize=True, return_dict=False)
+
+
 def _close(a, b, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(_close(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
