@@ -7,16 +7,16 @@ over the N decisions of a step (no Python loop over tokens in the math):
               and the output gradient d log p(y)/d h_L projected on every basis (g_out);
 3. probe      trunk over depth, readout of y over C = top-K + y at every depth (probe.model):
               layer_gain, layer_importance, crystallization_layer, probe_prob, probe_top1;
-4. pairs      the gradient head's amortized host gradient x input per (block, family, direction)
-              (probe.model): summed per pair -> family_attribution (nats, first-order ablation
-              drop) and family_importance (positive parts normalized within each block);
-5. directions (detail="full" only) the top pair's k gradient x input terms, largest |.| first.
-No backward pass is needed anywhere: the gradient is an output of the probe, so this also runs
-unchanged inside an engine's torch.inference_mode.
+4. pairs      the importance head's amortized ablation (probe.model): per (block, family) the
+              predicted |change of the host's log p(y)| when that family's top-k singular
+              directions are ablated -> family_attribution (nats) and family_importance (its
+              per-block shares);
+5. directions (detail="full" only) gradient x input of the top pair's predicted importance with
+              respect to that pair's k alignment features (one backward through the small head).
 
 Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
 output gradient on every basis 1.7M + probe ~19M (see probe.model) = ~51M, about 38% of the host's
-own forward (134M). The host logits dominate; an engine that hands over its own logits could skip them.
+own forward (134M); detail="full" adds ~2M for the head's backward. The host logits dominate; an engine that hands over its own logits could skip them.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ class Attributor:
         """All per-token quantities as tensors (N tokens, L blocks, C = K+1 candidates):
         alpha [N,L,3,k], host_logprob [N], host_top1 [N], cand_ids [N,C], cand_valid [N,C],
         logp_y [N,L+1], top1 [N,L+1] bool, layer_gain [N,L+1], layer_importance [N,L+1],
-        crystallization_layer [N], direction_scores [N,L,3,k] (nats), family_attribution [N,L,3]
-        (nats), family_importance [N,L,3], probe_prob [N], probe_top1 [N] bool, token_ids [N]."""
+        crystallization_layer [N], family_attribution [N,L,3] (nats), family_importance [N,L,3],
+        probe_prob [N], probe_top1 [N] bool, token_ids [N], and g_out, states for direction_scores."""
         h, m, K = self.host, self.model, self.top_k
         resid = resid.float()
         token_ids = token_ids.long()
@@ -106,16 +106,32 @@ class Attributor:
         trailing = torch.flip(torch.cumprod(torch.flip(top1, [1]).long(), dim=1), [1]).sum(1)
         crystal = (self.L + 1) - trailing  # = L+1 when not top-1 at the last depth
 
-        gamma = m.gradient(states, a, g_out, h.W_U[token_ids])
-        scores = m.scores(gamma, alpha)  # [N, L, 3, k] gradient x input per direction, nats
-        attribution = scores.sum(-1)  # [N, L, 3]
-        pos_attr = attribution.clamp_min(0)
-        fam_imp = pos_attr / pos_attr.sum(2, keepdim=True).clamp_min(1e-12)
-        return {"alpha": alpha, "host_logprob": host_logprob, "host_top1": top_ids[:, 0], "cand_ids": cand_ids,
-                "cand_valid": valid, "logp_y": logp_y, "top1": top1, "layer_gain": gain,
-                "layer_importance": importance, "crystallization_layer": crystal, "direction_scores": scores,
+        u = m.importance(states, m.pair_features(alpha, g_out), h.W_U[token_ids])[..., 0]  # [N, L, 3]
+        attribution = m.attribution(u)  # predicted |change of log p(y)| per pair, nats
+        fam_imp = attribution / attribution.sum(2, keepdim=True).clamp_min(1e-12)
+        return {"alpha": alpha, "g_out": g_out, "states": states, "host_logprob": host_logprob,
+                "host_top1": top_ids[:, 0], "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
+                "top1": top1, "layer_gain": gain, "layer_importance": importance, "crystallization_layer": crystal,
                 "family_attribution": attribution, "family_importance": fam_imp,
                 "probe_prob": logp_y[:, -1].exp(), "probe_top1": top1[:, -1], "token_ids": token_ids}
+
+    def direction_scores(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Gradient x input of each token's top pair's log-importance u w.r.t. that pair's alpha.
+
+        Returns (top pair flat index [N] into L*3, scores [N, k]); input = alpha minus its training
+        mean, so a direction at its usual value scores 0. One backward pass through the importance
+        head only (trunk states held fixed); autograd is re-enabled locally, so this also works
+        inside an engine's inference_mode.
+        """
+        m, N = self.model, out["alpha"].shape[0]
+        top = out["family_attribution"].flatten(1).argmax(1)
+        with torch.inference_mode(False), torch.enable_grad():
+            alpha = out["alpha"].clone().requires_grad_(True)
+            u = m.importance(out["states"].clone(), m.pair_features(alpha, out["g_out"].clone()),
+                             self.host.W_U[out["token_ids"].clone()])[..., 0].flatten(1)
+            u.gather(1, top[:, None].clone()).sum().backward()
+            scores = (alpha.grad * (alpha.detach() - m.alpha_mean)).flatten(1, 2)  # [N, L*3, k]
+        return top, scores[torch.arange(N), top]
 
     # ---- records ------------------------------------------------------------------------------
     def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor,
@@ -133,8 +149,7 @@ class Attributor:
         out = self.compute(resid, resid_mid, token_ids)
         directions: list[list[Direction]] = [[] for _ in range(N)]
         if detail == "full":
-            top = out["family_attribution"].flatten(1).argmax(1)  # [N] into L*3
-            scores = out["direction_scores"].flatten(1, 2)[torch.arange(N), top]  # [N, k]
+            top, scores = self.direction_scores(out)
             idx = scores.abs().topk(min(FULL_DIRECTIONS, scores.shape[1]), dim=1).indices
             vals = scores.gather(1, idx)
             for t, (p, ids, vs) in enumerate(zip(top.tolist(), idx.tolist(), vals.tolist())):

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from probe.features import alignment_features, output_gradient
 from probe.host import Host
-from probe.svd import SvdFactors
+from probe.names import FAMILY_INDEX
+from probe.svd import READERS, SvdFactors
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class TokenSet:
     cand_logits: Tensor  # [N, K] float32, host logits of those tokens
     host_logprob: Tensor  # [N] float32, host log p(y) over the full vocabulary
     prompt_index: Tensor  # [N] int64, which trace prompt the row came from
-    gamma: Tensor | None = None  # [N, L, 3, k] host gradient labels (NaN where absent)
+    lin: Tensor | None = None  # [N, L, 3] nats, host linearized ablation effect gamma . comp (NaN where absent)
     drop: Tensor | None = None  # [N, L, 3] ablation labels (NaN where a row was not ablated)
 
     def __len__(self) -> int:
@@ -65,11 +66,11 @@ class TokenSet:
         return ~torch.isnan(self.drop).any(dim=(1, 2))
 
     @property
-    def has_gamma(self) -> Tensor:
-        """[N] bool, rows that carry host-gradient labels."""
-        if self.gamma is None:
+    def has_lin(self) -> Tensor:
+        """[N] bool, rows that carry host-gradient (linearized-effect) labels."""
+        if self.lin is None:
             return torch.zeros(len(self), dtype=torch.bool)
-        return ~torch.isnan(self.gamma).any(dim=(1, 2, 3))
+        return ~torch.isnan(self.lin).any(dim=(1, 2))
 
 
 def write_trace(results: list[dict[str, Tensor]], path: str | Path, metadata: dict) -> Path:
@@ -119,6 +120,15 @@ def host_targets(host: Host, h_last: Tensor, token_ids: Tensor, top_k: int) -> t
     return cand_ids, cand_logits, logp_y
 
 
+def component_scale(factors: SvdFactors) -> Tensor:
+    """[L, 3, k]: comp = alpha / scale is the family vector's coordinate in its basis (sigma for
+    the readers, whose alpha carries sigma; 1 for attn_out)."""
+    scale = torch.ones_like(factors.sigma)
+    readers = [FAMILY_INDEX[f] for f in READERS]
+    scale[:, readers] = factors.sigma[:, readers]
+    return scale
+
+
 def _load_all(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         return {}
@@ -135,10 +145,11 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
     g_out. Features and host targets are computed in chunks of `chunk` rows.
     """
     names = ("resid", "alpha", "g_out", "token_ids", "cand_ids", "cand_logits", "host_logprob", "prompt_index",
-             "gamma", "drop")
+             "lin", "drop")
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     total, offset = 0, 0
-    L, k = host.n_layers, factors.k
+    L = host.n_layers
+    comp_scale = component_scale(factors)
     for path in trace_paths:
         labels, grads = _load_all(labels_path(path)), _load_all(gradients_path(path))
         indices = prompt_indices(path)
@@ -169,8 +180,11 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
                 keep = rows < T
                 drop[rows[keep]] = labels[f"{i}.drop"][keep].float()
             parts["drop"].append(drop)
-            gamma = grads[f"{i}.gamma"][:T].float() if f"{i}.gamma" in grads else torch.full((T, L, 3, k), float("nan"))
-            parts["gamma"].append(gamma)
+            if f"{i}.gamma" in grads:
+                comp = torch.cat(parts["alpha"][-((T + chunk - 1) // chunk):]) / comp_scale
+                parts["lin"].append((grads[f"{i}.gamma"][:T].float() * comp).sum(-1))
+            else:
+                parts["lin"].append(torch.full((T, L, 3), float("nan")))
             total += T
         offset += (max(indices) + 1) if indices else 0
         if max_tokens is not None and total >= max_tokens:
@@ -180,8 +194,8 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
     ds = TokenSet(**{n: torch.cat(v) for n, v in parts.items()})
     if not ds.labeled.any():
         ds.drop = None
-    if not ds.has_gamma.any():
-        ds.gamma = None
+    if not ds.has_lin.any():
+        ds.lin = None
     log.info("data: %d tokens from %d prompts (%d with gradient labels, %d with ablation labels)", len(ds),
-             int(ds.prompt_index.unique().numel()), int(ds.has_gamma.sum()), int(ds.labeled.sum()))
+             int(ds.prompt_index.unique().numel()), int(ds.has_lin.sum()), int(ds.labeled.sum()))
     return ds

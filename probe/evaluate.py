@@ -10,14 +10,16 @@ Phases (log lines name them):
                   top-k singular directions of each (block, family) are projected out at the decision
                   position (probe.fast_ablation, prefix cache reused);
 4. faithfulness — per token, Spearman correlation across the 3L pairs between the probe's pair
-                  attribution (family_attribution) and the ablation drop, averaged over tokens; and
-                  top_vs_random = mean drop of each token's top-attributed pair / mean drop of a
-                  uniformly random pair (the mean over pairs, i.e. its expectation). The same for
-                  the untrained null probe and for reference mechanisms: gradient x input of the
-                  probe readout (mean over depths of log p_l(y)), the training-set mean ablation
-                  profile (no token dependence), family_importance as normalized per block, the
-                  host's own linearized drops (the ceiling the gradient head is trained towards),
-                  and magnitudes (|attribution| against |drop|).
+                  importance (family_attribution, unsigned) and the size of the ablation effect
+                  |drop|, averaged over tokens; and top_vs_random = mean |drop| of each token's
+                  top-attributed pair / mean |drop| of a uniformly random pair (the mean over pairs,
+                  its expectation). Importance is unsigned by definition (METHOD.md section 4 builds
+                  it from |gradient x input|), so its causal counterpart is the effect size; the same
+                  numbers against the signed drop are reported as signed_*. The same for the
+                  untrained null probe and for reference mechanisms: the host's own linearized
+                  effect (a backward pass of the host, not available at serving time), gradient x
+                  input of the probe readout (METHOD's default), the training-set mean |drop|
+                  profile (no token dependence), family_importance as normalized per block.
 """
 
 from __future__ import annotations
@@ -180,13 +182,13 @@ def evaluate(att: Attributor, model_tf: nn.Module, trace_path: str | Path, token
 
     log.info("faithfulness: %d tokens x %d pairs", drop.shape[0], drop[0].numel())
     out_t, out_n = attributions(att), attributions(null_att)
-    f_t = faithfulness(out_t["family_attribution"], drop)
-    f_n = faithfulness(out_n["family_attribution"], drop)
-    f_fi = faithfulness(out_t["family_importance"], drop)
-    f_gxi = faithfulness(gradxinput_attribution(att, sub, out_t), drop)
-    f_lin = faithfulness(lin, drop)
-    f_abs = faithfulness(out_t["family_attribution"].abs(), drop.abs())
-    f_abs_null = faithfulness(out_n["family_attribution"].abs(), drop.abs())
+    mag = drop.abs()
+    f_t, f_n = faithfulness(out_t["family_attribution"], mag), faithfulness(out_n["family_attribution"], mag)
+    f_ts, f_ns = faithfulness(out_t["family_attribution"], drop), faithfulness(out_n["family_attribution"], drop)
+    f_fi = faithfulness(out_t["family_importance"], mag)
+    gxi = gradxinput_attribution(att, sub, out_t)
+    f_gxi, f_gxi_s = faithfulness(gxi.abs(), mag), faithfulness(gxi, drop)
+    f_lin, f_lin_s = faithfulness(lin.abs(), mag), faithfulness(lin, drop)
     result = {
         "tokens": len(data),
         "ablation_tokens": int(drop.shape[0]),
@@ -195,22 +197,26 @@ def evaluate(att: Attributor, model_tf: nn.Module, trace_path: str | Path, token
         "depth_kl": trained["kl"], "logit_lens_kl": trained["lens_kl"], "null_depth_kl": untrained["kl"],
         "depth_top1": trained["top1"], "logit_lens_top1": trained["lens_top1"], "null_depth_top1": untrained["top1"],
         "depth_kl_below_logit_lens": [a < b - 1e-9 for a, b in zip(trained["kl"][:-1], trained["lens_kl"][:-1])],
+        # importance (unsigned) against the size of the ablation effect |drop|
         "faithfulness_spearman": f_t["spearman"], "faithfulness_top_vs_random": f_t["top_vs_random"],
         "null_faithfulness_spearman": f_n["spearman"], "null_faithfulness_top_vs_random": f_n["top_vs_random"],
         "faithfulness_top_drop_nats": f_t["top_drop_nats"], "faithfulness_random_drop_nats": f_t["random_drop_nats"],
         "family_importance_spearman": f_fi["spearman"],
-        "magnitude_faithfulness_spearman": f_abs["spearman"],
-        "null_magnitude_faithfulness_spearman": f_abs_null["spearman"],
+        # the same importance against the signed drop (METHOD.md 6.4 read literally)
+        "signed_faithfulness_spearman": f_ts["spearman"], "signed_faithfulness_top_vs_random": f_ts["top_vs_random"],
+        "null_signed_faithfulness_spearman": f_ns["spearman"],
+        "null_signed_faithfulness_top_vs_random": f_ns["top_vs_random"],
+        # reference mechanisms
         "host_linearized_faithfulness_spearman": f_lin["spearman"],
-        "host_linearized_faithfulness_top_vs_random": f_lin["top_vs_random"],
-        "gradxinput_faithfulness_spearman": f_gxi["spearman"],
-        "gradxinput_faithfulness_top_vs_random": f_gxi["top_vs_random"],
+        "host_linearized_signed_faithfulness_spearman": f_lin_s["spearman"],
+        "readout_gradxinput_faithfulness_spearman": f_gxi["spearman"],
+        "readout_gradxinput_signed_faithfulness_spearman": f_gxi_s["spearman"],
         "probe_top1_rate": float(out_t["probe_top1"].float().mean()),
         "mean_crystallization_layer": float(out_t["crystallization_layer"].float().mean()),
     }
-    mean_profile = att.metadata.get("data", {}).get("train_mean_drop")
+    mean_profile = att.metadata.get("data", {}).get("train_mean_abs_drop")
     if mean_profile is not None:
-        f_m = faithfulness(torch.tensor(mean_profile).expand_as(drop), drop)
+        f_m = faithfulness(torch.tensor(mean_profile).expand_as(drop), mag)
         result["mean_profile_faithfulness_spearman"] = f_m["spearman"]
         result["mean_profile_faithfulness_top_vs_random"] = f_m["top_vs_random"]
     result["eval_seconds"] = round(time.perf_counter() - start, 1)

@@ -20,27 +20,36 @@ with the host's frozen final norm and unembedding. Out is zero-initialised, so a
 is the logit lens; the last depth is the host's own readout (a correction there could only add
 error), which makes final-depth agreement with the host exact by construction.
 
-Gradient head (amortized host gradient x input; why: see below). For block i, family f:
-    z_if      = GELU(LN(A_f [alpha_if ; g_out_if] + B y_{i+1} + C y_L + E_if)) * (1 + Q W_U[y])   [a]
-    gamma_if  = c_if * g_out_if + M(z_if)                                                         [k]
-gamma_if is trained to equal the HOST's gradient of log p(y) w.r.t. the vector family f of block i
-reads (or writes) at the decision position, projected on the family's top-k basis (labels from one
-backward pass of the replica per sequence, probe.fast_ablation.FastAblator.linearized). The pair
-attribution is then gradient x input in the host's own terms:
-    score_ifj = gamma_ifj * (B_if x_if)_j        (= d log p(y)/d alpha_ifj * alpha_ifj)
-    family_attribution_if = sum_j score_ifj      (nats: first-order drop of log p(y) when the
-                                                  top-k directions are ablated)
-Why not the gradient of the probe's own readout (METHOD's default): the readout sees h_L directly,
-so its dependence on alpha is whatever the fit found convenient, not how the host uses alpha; on
-SmolLM2 that gave Spearman ~0 against real ablations. Why not regress real ablation drops directly:
-tried (amortized ablation, labels from probe.ablation); with ~1k labelled tokens it learned only the
-mean profile (Spearman 0.19), whereas the host's linearized drops reach 0.60 and cost 20x less
-to label, so every training token gets one.
+Importance head (amortized ablation, METHOD.md section 4 option 2). For block i, family f:
+    phi_if = [alpha_if ; g_out_if (both standardized) ; log|comp_if|, log|g_out_if|, log|comp_if . g_out_if|]
+    z_if   = GELU(LN(A_f phi_if + B y_{i+1} + C y_L + E_if)) * (1 + Q W_U[y])                [a]
+    [u_if, v_if] = M(z_if) + b_if                                                                [2]
+(comp = B_if x_if, the family vector's component in its top-k basis). u_if is trained to predict
+log(|drop_if| + eps), drop_if being the host's own ablation effect on log p(y) (probe.ablation /
+probe.fast_ablation: the top-k directions projected out at the decision position), so
+    family_attribution_if = max(exp(u_if) - eps, 0)      predicted |change of log p(y)| in nats
+and family_importance is its per-block share. v_if is an auxiliary output trained on the host's
+linearized effect |gamma_if . comp_if| (one replica backward pass per sequence labels EVERY
+training token, whereas real ablations are affordable for a sample), which shapes the shared
+features with 5-10x more contexts.
+
+Why magnitudes, and why not gradients: measured on SmolLM2-135M (held-out tokens, Spearman over
+the 90 pairs against real ablations):
+    - gradient x input of the probe's own readout (METHOD's default): ~0; the readout sees h_L
+      directly, so its dependence on alpha is arbitrary;
+    - the host's own gradient x input (linearized ablation): 0.60 signed -- but the probe cannot
+      amortize the host's gradient at inner blocks (a head trained on it reached 0.10: those
+      gradients are uncorrelated with anything cheap, e.g. the output gradient, corr ~0.0);
+    - signs of the small effects are therefore out of reach for a cheap probe (any head: ~0.2,
+      the mean profile alone 0.19), while magnitudes are predictable (mean profile 0.49, a
+      per-pair ridge on simple features 0.56). Importance (METHOD section 4 defines it from
+      |gradient x input|) is a magnitude; it is evaluated against |drop|, and the signed numbers are
+      reported beside it.
 
 FLOPs per token (multiply-adds, SmolLM2-135M: L=30, d=576, k=32, w=128, a=64, 2 layers, |C|=33):
     ActProj (L+1)dw 2.3M, AlignProj 3Lkw 0.4M, encoder 2*(L+1)*12w^2 12.2M, Out (L+1)wd 2.3M,
-    readout (L+1)|C|d 0.6M, gradient head 3L(2k*a + a*a + a*k) + L*w*a = 1.4M: about 19M; plus
-    what probe.attribution adds around it (host logits 28.3M, features and g_out 3.4M).
+    readout (L+1)|C|d 0.6M, importance head 3L((2k+3)a + a*a + 2a) + L*w*a = 0.9M: about 19M;
+    plus what probe.attribution adds around it (host logits 28.3M, features and g_out 3.4M).
 """
 
 from __future__ import annotations
@@ -63,7 +72,8 @@ class ProbeConfig:
     n_encoder_layers: int = 2  # pre-norm encoder layers over depth
     n_heads: int = 4  # attention heads in the encoder
     mlp_ratio: int = 4  # encoder MLP hidden = mlp_ratio * w
-    head_width: int = 64  # a, width of the gradient head
+    head_width: int = 64  # a, width of the importance head
+    eps_nats: float = 0.01  # eps of the log-magnitude targets log(|drop| + eps)
     top_k: int = 32  # K, host top-K candidates scored at serving (plus the emitted token)
 
     def to_dict(self) -> dict:
@@ -90,7 +100,7 @@ class EncoderLayer(nn.Module):
 
 
 class ProbeModel(nn.Module):
-    """Trunk + readout head + gradient head (see module docstring). Host tensors are passed in."""
+    """Trunk + readout head + importance head (see module docstring). Host tensors are passed in."""
 
     def __init__(self, cfg: ProbeConfig):
         super().__init__()
@@ -102,7 +112,6 @@ class ProbeModel(nn.Module):
         self.register_buffer("alpha_std", torch.ones(L, 3, k))
         self.register_buffer("g_out_std", torch.ones(L, 3, k))
         self.register_buffer("comp_scale", torch.ones(L, 3, k))
-        self.register_buffer("pair_scale", torch.ones(L, 3))  # typical |attribution| per pair (loss weights)
         self.act_proj = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, w), nn.GELU())
         self.align_proj = nn.Sequential(nn.Linear(3 * k, w), nn.GELU())
         self.pos = nn.Parameter(torch.randn(L + 1, w) * 0.02)
@@ -111,15 +120,15 @@ class ProbeModel(nn.Module):
         self.out = nn.Linear(w, d)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
-        # Gradient head.
-        self.g_in = nn.Parameter(torch.randn(3, 2 * k, a) / (2 * k) ** 0.5)  # A_f
-        self.g_depth = nn.Linear(w, a)  # B
-        self.g_final = nn.Linear(w, a, bias=False)  # C
-        self.g_pair = nn.Parameter(torch.zeros(L, 3, a))  # E_if
-        self.g_ln = nn.LayerNorm(a)
-        self.g_token = nn.Linear(d, a)  # Q
-        self.g_mlp = nn.Sequential(nn.Linear(a, a), nn.GELU(), nn.Linear(a, k))  # M
-        self.g_direct = nn.Parameter(torch.zeros(L, 3, k))  # c_if
+        # Importance head.
+        self.i_in = nn.Parameter(torch.randn(3, 2 * k + 3, a) / (2 * k + 3) ** 0.5)  # A_f
+        self.i_depth = nn.Linear(w, a)  # B
+        self.i_final = nn.Linear(w, a, bias=False)  # C
+        self.i_pair = nn.Parameter(torch.zeros(L, 3, a))  # E_if
+        self.i_ln = nn.LayerNorm(a)
+        self.i_token = nn.Linear(d, a)  # Q
+        self.i_mlp = nn.Sequential(nn.Linear(a, a), nn.GELU(), nn.Linear(a, 2))  # M
+        self.i_bias = nn.Parameter(torch.zeros(L, 3, 2))  # b_if
 
     def standardize(self, alpha: Tensor) -> Tensor:
         """alpha [N, L, 3, k] -> standardized [N, L, 3, k]."""
@@ -140,24 +149,29 @@ class ProbeModel(nn.Module):
         corr = self.out(y[:, :-1])
         return torch.cat([resid[:, :-1] + corr, resid[:, -1:]], dim=1)
 
-    def gradient(self, y: Tensor, alpha_std: Tensor, g_out: Tensor, token_rows: Tensor) -> Tensor:
-        """Predicted host gradients on each basis, gamma [N, L, 3, k]: y [N, L+1, w] trunk states,
-        alpha_std [N, L, 3, k], g_out [N, L, 3, k] (raw), token_rows = W_U[y_emitted] [N, d]."""
-        g_std = g_out / self.g_out_std
-        z = torch.einsum("nlfk,fka->nlfa", torch.cat([alpha_std, g_std], dim=-1), self.g_in)
-        z = z + self.g_depth(y[:, 1:])[:, :, None] + self.g_final(y[:, -1])[:, None, None] + self.g_pair
-        z = F.gelu(self.g_ln(z)) * (1 + self.g_token(token_rows)[:, None, None])
-        return self.g_direct * g_out + self.g_mlp(z) * self.g_out_std
+    def pair_features(self, alpha: Tensor, g_out: Tensor) -> Tensor:
+        """phi [N, L, 3, 2k+3] from raw alpha and g_out [N, L, 3, k] (see module docstring)."""
+        comp = alpha / self.comp_scale
+        logs = torch.stack([torch.log(comp.norm(dim=-1) + 1e-6), torch.log(g_out.norm(dim=-1) + 1e-9) + 5,
+                            torch.log((comp * g_out).sum(-1).abs() + 1e-6)], dim=-1)
+        return torch.cat([self.standardize(alpha), g_out / self.g_out_std, logs], dim=-1)
 
-    def scores(self, gamma: Tensor, alpha: Tensor) -> Tensor:
-        """Gradient x input per direction [N, L, 3, k] (nats): gamma * component, component = alpha / scale."""
-        return gamma * (alpha / self.comp_scale)
+    def importance(self, y: Tensor, phi: Tensor, token_rows: Tensor) -> Tensor:
+        """[u, v] log-magnitude predictions [N, L, 3, 2]: y [N, L+1, w] trunk states, phi pair
+        features [N, L, 3, 2k+3], token_rows = W_U[y_emitted] [N, d]."""
+        z = torch.einsum("nlfk,fka->nlfa", phi, self.i_in)
+        z = z + self.i_depth(y[:, 1:])[:, :, None] + self.i_final(y[:, -1])[:, None, None] + self.i_pair
+        z = F.gelu(self.i_ln(z)) * (1 + self.i_token(token_rows)[:, None, None])
+        return self.i_mlp(z) + self.i_bias
+
+    def attribution(self, u: Tensor) -> Tensor:
+        """Predicted |change of log p(y)| in nats from the log-magnitude output u [...]."""
+        return (u.exp() - self.cfg.eps_nats).clamp_min(0)
 
     def forward(self, resid: Tensor, alpha: Tensor, g_out: Tensor, token_rows: Tensor) -> tuple[Tensor, Tensor]:
-        """-> (corrected residuals r [N, L+1, d], predicted gamma [N, L, 3, k])."""
-        a = self.standardize(alpha)
-        y = self.trunk(resid, a)
-        return self.corrected_resid(resid, y), self.gradient(y, a, g_out, token_rows)
+        """-> (corrected residuals r [N, L+1, d], log-magnitude predictions [N, L, 3, 2])."""
+        y = self.trunk(resid, self.standardize(alpha))
+        return self.corrected_resid(resid, y), self.importance(y, self.pair_features(alpha, g_out), token_rows)
 
 
 def readout_logits(final_norm, r: Tensor, W_rows: Tensor) -> Tensor:

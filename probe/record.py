@@ -17,7 +17,7 @@ class Direction:
     layer: int  # block index 1..L (depth token l reads alpha_l)
     family: str  # one of probe.names.FAMILIES
     index: int  # singular-direction index 0..k-1 (0 = largest singular value)
-    score: float  # signed gradient x input (nats) of the host's log p(y) w.r.t. alpha_{l,f,index}
+    score: float  # signed gradient x input of the pair's predicted log-importance w.r.t. alpha_{l,f,index}
 
 
 @dataclass
@@ -28,16 +28,16 @@ class TokenAttribution:
     layer_gain: list[float]  # [L+1] nats, log p_l(y) - log p_{l-1}(y); l=0 vs uniform over candidates
     layer_importance: list[float]  # [L+1] positive gains normalized to sum 1
     crystallization_layer: int  # smallest l with y top candidate at every depth >= l; L+1 if not top at depth L
-    family_importance: list[list[float]]  # [L][3] share of qkv, attn_out, mlp_in per block (positive parts
-    #                                       of family_attribution normalized per block; zeros if none > 0)
+    family_importance: list[list[float]]  # [L][3] share of qkv, attn_out, mlp_in per block
+    #                                       (family_attribution normalized per block)
     top_directions: list[Direction] = field(default_factory=list)
     probe_prob: float = 0.0  # probe's final-depth probability of y over the candidate set
     probe_top1: bool = False  # probe's final-depth top candidate == y
     host_logprob: float = 0.0  # host log p(y) over the full vocabulary (nats)
-    # [L][3] nats, per (block, family): the probe's first-order estimate of how much the host's
-    # log p(y) drops when that family's top-k singular directions are ablated at this position
-    # (amortized host gradient x input, probe/model.py). The unnormalized pair attribution behind
-    # family_importance; top_directions explain this array's largest pair.
+    # [L][3] nats, per (block, family): the probe's prediction of |change of the host's log p(y)|
+    # when that family's top-k singular directions are ablated at this position (amortized ablation,
+    # probe/model.py). The unnormalized pair importance behind family_importance; top_directions
+    # explain this array's largest pair.
     family_attribution: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -5,15 +5,17 @@ Phases (log lines name them):
               gradient labels; probe.data);
 2. stats    — fixed buffers: per-(block, family, direction) mean/std of alpha and std of g_out from
               the training tokens, the host's singular values, each pair's typical attribution size;
-3. fit      — AdamW with cosine decay and a fixed seed. Every step takes one batch of tokens:
+3. fit      — AdamW with cosine decay and a fixed seed. Every step takes one batch of tokens, and
+              one batch of ablation-labelled tokens:
                 readout:  sum over depths l < L of KL(host || readout_l) over the host's top-K
                           plus `negatives` vocabulary rows sampled per step (the tail),
                           + ce_weight * cross-entropy of the emitted token over C = top-K + y;
-                gradient: squared error of the predicted gradient x input terms gamma_j * component_j
-                          against the host's (labels from probe.collect_replica.label_gradients),
-                          per direction and summed per (block, family), each pair scaled by its
-                          typical size on the training data so that small pairs count as much as
-                          large ones (the faithfulness metric is a rank correlation over pairs);
+                linearized (all tokens): squared error of v against log(|lin| + eps), lin the host's
+                          linearized ablation effect (probe.collect_replica.label_gradients);
+                ablation (labelled tokens): squared error of u against log(|drop| + eps), drop the
+                          host's real ablation effect, + rank_weight * ListNet (cross entropy between
+                          softmax(target/T) and softmax(u/T) over the 3L pairs: the evaluation is a
+                          rank correlation over pairs);
 4. save     — artifact with metadata (probe.artifact).
 """
 
@@ -29,11 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from probe.data import TokenSet, build_dataset
+from probe.data import TokenSet, build_dataset, component_scale
 from probe.host import Host
 from probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits
-from probe.names import FAMILY_INDEX
-from probe.svd import READERS, SvdFactors
+from probe.svd import SvdFactors
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,17 @@ class TrainConfig:
     """Optimisation settings; stored in the artifact."""
 
     steps: int = 3000  # optimiser steps
-    batch_size: int = 64  # tokens per step
+    batch_size: int = 64  # tokens per step (readout and linearized losses)
     lr: float = 2e-3  # peak AdamW learning rate (cosine decay, 100 warm-up steps)
     weight_decay: float = 0.01  # AdamW decoupled weight decay
     ce_weight: float = 0.1  # weight of the emitted-token cross-entropy beside the KL
     negatives: int = 512  # vocabulary rows sampled per step to stand in for the tail in the KL
-    gradient_weight: float = 1.0  # weight of the gradient-head loss
-    pair_weight: float = 1.0  # weight of the per-pair sum term inside the gradient loss
+    ablation_batch_size: int = 32  # ablation-labelled tokens per step
+    ablation_weight: float = 1.0  # weight of the ablation (u) loss
+    linearized_weight: float = 0.5  # weight of the auxiliary linearized-effect (v) loss
+    rank_weight: float = 1.0  # weight of the ListNet term inside the ablation loss
+    rank_temperature: float = 0.5  # T of the ListNet softmax, in log-nats
+    ablation_grad_to_trunk: bool = False  # let the (few) ablation labels train the shared trunk too
     seed: int = 0  # torch seed: init, batch order, negatives
     threads: int = 1  # torch CPU threads (2 is slower than 1 on a busy 2-core machine)
     max_minutes: float = 28.0  # wall-clock budget; training stops early (and says so) past it
@@ -66,21 +71,20 @@ def alpha_statistics(alpha: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def set_statistics(model: ProbeModel, data: TokenSet, factors: SvdFactors) -> None:
-    """Fixed buffers from the training data and the host's singular values (no learning)."""
+    """Fixed buffers from the training data and the host's singular values (no learning), and the
+    importance head's per-pair bias started at the mean targets."""
     mean, std = alpha_statistics(data.alpha)
     model.alpha_mean.copy_(mean)
     model.alpha_std.copy_(std)
     g_std = data.g_out.std(0)
     model.g_out_std.copy_(g_std.clamp_min(g_std.mean() * 1e-3 + 1e-12))
-    readers = [FAMILY_INDEX[f] for f in READERS]
-    scale = torch.ones_like(factors.sigma)
-    scale[:, readers] = factors.sigma[:, readers]
-    model.comp_scale.copy_(scale)
-    if data.gamma is not None:
-        rows = data.has_gamma
-        pair = model.scores(data.gamma[rows], data.alpha[rows]).sum(-1)  # [n, L, 3]
-        typical = pair.abs().mean(0)
-        model.pair_scale.copy_(typical.clamp_min(typical.mean() * 1e-2 + 1e-12))
+    model.comp_scale.copy_(component_scale(factors))
+    eps = model.cfg.eps_nats
+    with torch.no_grad():
+        if data.drop is not None:
+            model.i_bias[..., 0] = torch.log(data.drop[data.labeled].abs() + eps).mean(0)
+        if data.lin is not None:
+            model.i_bias[..., 1] = torch.log(data.lin[data.has_lin].abs() + eps).mean(0)
 
 
 def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_weight: float,
@@ -113,12 +117,13 @@ def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_w
     return (kl + ce_weight * ce).sum(1).mean()
 
 
-def gradient_loss(model: ProbeModel, gamma_hat: Tensor, gamma: Tensor, alpha: Tensor, pair_weight: float) -> Tensor:
-    """Scaled squared error of gradient x input terms, per direction and per pair sum.
-    gamma_hat, gamma, alpha [B, L, 3, k]."""
-    scale = model.pair_scale[..., None]
-    err = (model.scores(gamma_hat, alpha) - model.scores(gamma, alpha)) / scale  # [B, L, 3, k]
-    return err.pow(2).sum(-1).mean() + pair_weight * err.sum(-1).pow(2).mean()
+def ablation_loss(u: Tensor, drop: Tensor, eps: float, rank_weight: float, temperature: float) -> Tensor:
+    """u [B, L, 3] predicted log-magnitudes, drop [B, L, 3] nats -> MSE + rank_weight * ListNet."""
+    t = torch.log(drop.abs() + eps).flatten(1)
+    p = u.flatten(1)
+    target = F.softmax(t / temperature, 1)
+    listnet = -(target * F.log_softmax(p / temperature, 1)).sum(1) + (target * F.log_softmax(t / temperature, 1)).sum(1)
+    return F.mse_loss(p, t) + rank_weight * listnet.mean()
 
 
 def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfig, cfg: TrainConfig,
@@ -130,35 +135,53 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
     model = ProbeModel(probe_cfg)
     set_statistics(model, data, factors)
     log.info("stats: input statistics from %d tokens", len(data))
-    use_gradient = data.gamma is not None and cfg.gradient_weight > 0
-    if not use_gradient:
-        log.warning("fit: no gradient labels in the data; the gradient head stays untrained and the "
-                    "artifact will say so")
-    rows = torch.nonzero(data.has_gamma).squeeze(1) if use_gradient else torch.arange(len(data))
+    use_lin = data.lin is not None and cfg.linearized_weight > 0
+    labeled = torch.nonzero(data.labeled).squeeze(1)
+    use_ablation = labeled.numel() > 0 and cfg.ablation_weight > 0
+    if not use_ablation:
+        log.warning("fit: no ablation labels in the data; the importance head is not trained on real "
+                    "ablations and the artifact will say so")
+    rows = torch.nonzero(data.has_lin).squeeze(1) if use_lin else torch.arange(len(data))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = min(100, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
+    l_order, l_pos = (labeled[torch.randperm(labeled.numel(), generator=gen)], 0) if use_ablation else (None, 0)
+    eps = probe_cfg.eps_nats
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress)
     steps_done, stopped_early = 0, False
     ema: dict[str, float] = {}
+
+    def track(name: str, value: Tensor) -> None:
+        ema[name] = 0.98 * ema.get(name, value.item()) + 0.02 * value.item()
+
     for step in bar:
         if pos + cfg.batch_size > len(order):
             order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
         b = data.subset(order[pos:pos + cfg.batch_size])
         pos += cfg.batch_size
-        r, gamma_hat = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids])
+        r, pred = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids])
         negatives = torch.randperm(host.vocab_size, generator=gen)[:cfg.negatives]
-        loss_r = readout_loss(host, model, r, b, cfg.ce_weight, negatives)
-        loss = loss_r
-        ema["readout"] = 0.98 * ema.get("readout", loss_r.item()) + 0.02 * loss_r.item()
-        if use_gradient:
-            loss_g = gradient_loss(model, gamma_hat, b.gamma, b.alpha, cfg.pair_weight)
-            loss = loss + cfg.gradient_weight * loss_g
-            ema["gradient"] = 0.98 * ema.get("gradient", loss_g.item()) + 0.02 * loss_g.item()
+        loss = readout_loss(host, model, r, b, cfg.ce_weight, negatives)
+        track("readout", loss)
+        if use_lin:
+            loss_lin = F.mse_loss(pred[..., 1], torch.log(b.lin.abs() + eps))
+            loss = loss + cfg.linearized_weight * loss_lin
+            track("linearized", loss_lin)
+        if use_ablation:
+            if l_pos + cfg.ablation_batch_size > len(l_order):
+                l_order, l_pos = labeled[torch.randperm(labeled.numel(), generator=gen)], 0
+            lb = data.subset(l_order[l_pos:l_pos + cfg.ablation_batch_size])
+            l_pos += cfg.ablation_batch_size
+            with torch.set_grad_enabled(cfg.ablation_grad_to_trunk):
+                states = model.trunk(lb.resid, model.standardize(lb.alpha))
+            u = model.importance(states, model.pair_features(lb.alpha, lb.g_out), host.W_U[lb.token_ids])[..., 0]
+            loss_abl = ablation_loss(u, lb.drop, eps, cfg.rank_weight, cfg.rank_temperature)
+            loss = loss + cfg.ablation_weight * loss_abl
+            track("ablation", loss_abl)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -176,7 +199,8 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
     log.info("fit: %d steps in %.1f s (losses %s)", steps_done, seconds,
              ", ".join(f"{k} {v:.4f}" for k, v in ema.items()))
     summary = {"training_seconds": round(seconds, 1), "steps_done": steps_done, "stopped_early": stopped_early,
-               "final_losses": {k: round(v, 5) for k, v in ema.items()}, "gradient_head_trained": use_gradient}
+               "final_losses": {k: round(v, 5) for k, v in ema.items()},
+               "importance_head_trained_on_ablations": use_ablation, "linearized_auxiliary": use_lin}
     return model.eval(), summary
 
 
@@ -207,9 +231,9 @@ def train_artifact(checkpoint_dir: str, trace_paths: list[str], out_path: str, p
         "train_config": cfg.to_dict(),
         "data": {"traces": [{"file": str(p), "metadata": trace_metadata(p)} for p in trace_paths],
                  "tokens": len(data), "prompts": int(data.prompt_index.unique().numel()),
-                 "gradient_labelled_tokens": int(data.has_gamma.sum()),
+                 "gradient_labelled_tokens": int(data.has_lin.sum()),
                  "ablation_labelled_tokens": int(labeled.sum()),
-                 "train_mean_drop": data.drop[labeled].mean(0).tolist() if labeled.any() else None},
+                 "train_mean_abs_drop": data.drop[labeled].abs().mean(0).tolist() if labeled.any() else None},
         "training_seconds": round(time.perf_counter() - start, 1),
         "fit": summary,
         "evaluation": None,

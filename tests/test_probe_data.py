@@ -33,8 +33,8 @@ def test_collect_label_build(tmp_path):
     assert labels_path(path).is_file() and gradients_path(path).is_file()
     ds = build_dataset(host, fac, [path], top_k=5)
     assert len(ds) == 18 and ds.alpha.shape == (18, host.n_layers, 3, K)
-    assert ds.cand_ids.shape == (18, 5) and int(ds.labeled.sum()) == 6 and bool(ds.has_gamma.all())
-    assert ds.gamma.shape == ds.alpha.shape == ds.g_out.shape
+    assert ds.cand_ids.shape == (18, 5) and int(ds.labeled.sum()) == 6 and bool(ds.has_lin.all())
+    assert ds.lin.shape == (18, host.n_layers, 3) and ds.alpha.shape == ds.g_out.shape
     torch.testing.assert_close(ds.host_logprob[6:12],
                                torch.log_softmax(logits, -1).gather(1, rec["token_ids"][:, None]).squeeze(1),
                                rtol=1e-4, atol=1e-4)

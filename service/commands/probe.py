@@ -1,9 +1,9 @@
 """`alignlens probe collect|train|eval`: CLI glue around probe/ (the science lives there).
 
 collect  generate with vLLM (the capture engine, service.trace) from the shipped prompt set or a JSONL
-         file, write the trace, then compute ablation labels for a sample of rows on the
-         transformers replica (probe.collect_replica.label_trace). `--engine replica` generates with
-         transformers instead (no vLLM).
+         file, write the trace, then compute on the transformers replica the host-gradient labels of
+         every row and the ablation labels of a sample of rows (probe.collect_replica).
+         `--engine replica` generates with transformers instead (no vLLM).
 train    fit a probe on one or more traces and write the artifact (probe.train.train_artifact).
 eval     METHOD.md section 6 numbers on held-out generated tokens (probe.evaluate); `--json` prints one
          JSON object as the last line; `--write` stores it in the artifact and beside it.
@@ -40,7 +40,7 @@ def _load_replica(checkpoint: Path):
 def _collect(args: argparse.Namespace) -> int:
     import torch
 
-    from probe.collect_replica import collect, label_trace
+    from probe.collect_replica import collect, label_gradients, label_trace
     from probe.host import Host
     from probe.prompts import encode_prompt, read_prompts, split
     from probe.svd import load_or_compute
@@ -68,9 +68,12 @@ def _collect(args: argparse.Namespace) -> int:
         collect(model, prompt_ids, args.max_tokens, args.temperature, out, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, metadata={"model": str(checkpoint)})
     log.info("collect: %d prompts traced to %s", len(prompt_ids), out)
+    host = Host.from_checkpoint(checkpoint)
+    factors = load_or_compute(host, args.k)
+    if args.gradients:
+        grads = label_gradients(model, factors.basis, host.attn_out_bias, out)
+        log.info("collect: host-gradient labels in %s", grads)
     if args.label_rows > 0:
-        host = Host.from_checkpoint(checkpoint)
-        factors = load_or_compute(host, args.k)
         labels = label_trace(model, factors.basis, host.attn_out_bias, out, args.label_rows, seed=args.seed)
         log.info("collect: ablation labels in %s", labels)
     print(out)
@@ -138,6 +141,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt")
     c.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
     c.add_argument("--label-rows", type=int, default=6, help="ablation-labelled rows per prompt (0 = none)")
+    c.add_argument("--gradients", action=argparse.BooleanOptionalAction, default=True,
+                   help="host-gradient labels for every row (one replica backward pass per sequence)")
     c.add_argument("--k", type=int, default=32, help="singular directions per (block, family)")
     c.add_argument("--engine", choices=["vllm", "replica"], default="vllm", help="generator")
     c.add_argument("--threads", type=int, default=1, help="torch threads for the replica")
