@@ -171,7 +171,10 @@ class CaptureEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
-        self.llm = None  # AsyncLLM.__del__ at interpreter exit would shut down twice
+        # AsyncLLM.__del__ shuts down a second time; when the last reference goes at interpreter
+        # exit (module globals already None) that prints a TypeError. It is shut down: mute it.
+        self.llm.__class__ = type("ShutDownAsyncLLM", (type(self.llm),), {"__del__": lambda _self: None})
+        self.llm = None
         if self.sink is not None:
             self.sink.shutdown()
 
