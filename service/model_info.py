@@ -5,7 +5,8 @@ rather than after a minute of compilation):
   1. read the checkpoint's architecture (probe.host.Host) and fingerprint it (probe.fingerprint);
   2. choose the probe: `auto` takes the shipped artifact under probe/artifacts/ trained for this
      fingerprint (none if there is none), `none` serves without attribution, a path must match;
-  3. a probe whose fingerprint differs stops start-up (probe.artifact.FingerprintMismatch).
+  3. a probe whose fingerprint differs, or that this build cannot load, stops start-up
+     (probe.artifact.FingerprintMismatch and friends).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import probe
-from probe.artifact import ArtifactError, FingerprintMismatch, read_metadata
+from probe.artifact import ArtifactError, FingerprintMismatch, load_artifact, read_metadata
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
 from probe.names import DEFAULT_K, FAMILIES
@@ -72,6 +73,7 @@ def choose_probe(setting: str, host: HostFacts) -> ProbeChoice:
                 log.warning("ignoring %s: %s", candidate, exc)
                 continue
             if meta.get("host_fingerprint") == host.fingerprint:
+                _check_loadable(candidate, host)
                 return ProbeChoice(candidate, metadata=meta)
         return ProbeChoice(None, f"no shipped probe in {SHIPPED_ARTIFACTS} was trained for model {host.name} "
                                  f"(fingerprint {host.fingerprint[:16]}...); train one with `alignlens probe "
@@ -85,7 +87,17 @@ def choose_probe(setting: str, host: HostFacts) -> ProbeChoice:
             raise FingerprintMismatch(path, meta.get("host_fingerprint", "?"), host.fingerprint, host.path)
     except ArtifactError as exc:
         raise StartupError(f"--probe {setting}: {exc}") from exc
+    _check_loadable(path, host)
     return ProbeChoice(path, metadata=meta)
+
+
+def _check_loadable(path: Path, host: HostFacts) -> None:
+    """Build the probe once here (a few MB): an artifact this build cannot read fails in seconds,
+    not after the engine's start-up when the worker loads it."""
+    try:
+        load_artifact(path, host.fingerprint, host.path)
+    except Exception as exc:  # noqa: BLE001 - any reason the worker would fail the same way
+        raise StartupError(f"probe {path} cannot be loaded by this build: {type(exc).__name__}: {exc}") from exc
 
 
 def probe_info(choice: ProbeChoice, loaded: bool) -> "pb2.ProbeInfo":
