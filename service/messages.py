@@ -10,8 +10,8 @@ the whole decision, the per-block family shares averaged with the blocks' depth 
 as weights (blocks that did not move the decision do not dilute it):
     raw_f = sum_l layer_importance[l] * family_importance[l-1][f]   over blocks l = 1..L
     share_f = raw_f / sum_f raw_f
-(equal weights when no block gained; a block whose families all opposed the token has
-family_importance 0 and adds nothing). Shares sum to 1, or are all 0 if nothing supported it.
+(equal weights when no block gained). Shares sum to 1, or are all 0 if every block's family
+importance is 0.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ pb2, _ = load()
 
 _FAMILY_ENUM = {name: pb2.Family.Value(f"FAMILY_{name.upper()}") for name in FAMILIES}
 _FAMILY_NAME = {v: k for k, v in _FAMILY_ENUM.items()}
+_PROTO_FIELDS = {f.name for f in pb2.TokenAttribution.DESCRIPTOR.fields}
 _SCALARS = ("token_id", "crystallization_layer", "probe_prob", "probe_top1", "host_logprob")
 
 
@@ -38,6 +39,9 @@ def _rows(msgs) -> list[list[float]]:
 
 def attribution_to_proto(attr: dict) -> "pb2.TokenAttribution":
     """A TokenAttribution dict ([L+1] gains, [L][3] family shares and nats, ...) -> proto message."""
+    unknown = attr.keys() - _PROTO_FIELDS
+    if unknown:  # the record grew a field the contract does not carry: never drop it silently
+        raise KeyError(f"TokenAttribution fields missing from the proto: {sorted(unknown)}")
     msg = pb2.TokenAttribution(
         layer_gain=attr["layer_gain"], layer_importance=attr["layer_importance"],
         family_importance=_per_family(attr["family_importance"]),

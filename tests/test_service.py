@@ -136,6 +136,20 @@ def _generate(client, prompt, **kw) -> tuple[list[dict], object]:
     return tokens, stream.finished
 
 
+def test_record_and_proto_fields_match():
+    """probe/record.py TokenAttribution and the proto message carry the same fields (no server)."""
+    from probe.record import Direction, TokenAttribution
+    from service.messages import attribution_from_proto, attribution_to_proto
+
+    for record, message in ((TokenAttribution, pb2.TokenAttribution), (Direction, pb2.Direction)):
+        assert {f.name for f in dataclasses.fields(record)} == {f.name for f in message.DESCRIPTOR.fields}
+    rec = TokenAttribution(token_id=3, layer_gain=[0.5, -0.25], layer_importance=[1.0, 0.0], crystallization_layer=1,
+                           family_importance=[[0.5, 0.25, 0.25]], family_attribution=[[2.0, 1.0, 1.0]],
+                           top_directions=[Direction(layer=1, family="mlp_in", index=4, score=-0.5)],
+                           probe_prob=0.5, probe_top1=True, host_logprob=-0.75).to_dict()
+    assert attribution_from_proto(attribution_to_proto(rec)) == rec
+
+
 def test_health_reflection_and_model_info(server, tiny_llama, probe_path):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
