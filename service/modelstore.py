@@ -223,10 +223,3 @@ def resolve_model(name: str) -> Path:
                          f"containing config.json")
     return path.resolve()
 
-
-def shipped_probe_path() -> Path | None:
-    """The trained probe shipped in the package for the default model, if present."""
-    import probe
-
-    found = sorted((Path(probe.__file__).parent / "artifacts").glob("*.safetensors"))
-    return found[0] if found else None

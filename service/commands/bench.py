@@ -29,10 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def default_probe(model: str) -> str | None:
-    from service.modelstore import shipped_probe_path
+    """The shipped probe trained for `model` (the server's `--probe auto` rule), if any."""
+    from service.model_info import choose_probe, host_facts
+    from service.modelstore import resolve_model
 
-    path = shipped_probe_path() if model == "default" else None
-    return str(path) if path else None
+    return (lambda c: str(c.path) if c.path else None)(choose_probe("auto", host_facts(resolve_model(model))))
 
 
 def run(args: argparse.Namespace) -> int:
