@@ -33,7 +33,8 @@ def default_probe(model: str) -> str | None:
     from service.model_info import choose_probe, host_facts
     from service.modelstore import resolve_model
 
-    return (lambda c: str(c.path) if c.path else None)(choose_probe("auto", host_facts(resolve_model(model))))
+    choice = choose_probe("auto", host_facts(resolve_model(model)))
+    return str(choice.path) if choice.path else None
 
 
 def run(args: argparse.Namespace) -> int:
