@@ -30,7 +30,7 @@ from probe.artifact import FingerprintMismatch, load_artifact
 from probe.features import alignment_features, output_gradient
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
-from probe.model import ProbeModel, candidate_set, readout_logits
+from probe.model import ProbeModel, candidate_set, readout_logits, token_features
 from probe.names import FAMILIES
 from probe.record import Direction, TokenAttribution
 from probe.svd import SvdFactors, load_or_compute
@@ -106,10 +106,11 @@ class Attributor:
         trailing = torch.flip(torch.cumprod(torch.flip(top1, [1]).long(), dim=1), [1]).sum(1)
         crystal = (self.L + 1) - trailing  # = L+1 when not top-1 at the last depth
 
-        u = m.importance(states, m.pair_features(alpha, g_out), h.W_U[token_ids])[..., 0]  # [N, L, 3]
+        tok = token_features(host_logprob, top_logits)
+        u = m.importance(states, m.pair_features(alpha, g_out, tok), h.W_U[token_ids])[..., 0]  # [N, L, 3]
         attribution = m.attribution(u)  # predicted |change of log p(y)| per pair, nats
         fam_imp = attribution / attribution.sum(2, keepdim=True).clamp_min(1e-12)
-        return {"alpha": alpha, "g_out": g_out, "states": states, "host_logprob": host_logprob,
+        return {"alpha": alpha, "g_out": g_out, "token_feats": tok, "states": states, "host_logprob": host_logprob,
                 "host_top1": top_ids[:, 0], "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
                 "top1": top1, "layer_gain": gain, "layer_importance": importance, "crystallization_layer": crystal,
                 "family_attribution": attribution, "family_importance": fam_imp,
@@ -127,7 +128,7 @@ class Attributor:
         top = out["family_attribution"].flatten(1).argmax(1)
         with torch.inference_mode(False), torch.enable_grad():
             alpha = out["alpha"].clone().requires_grad_(True)
-            u = m.importance(out["states"].clone(), m.pair_features(alpha, out["g_out"].clone()),
+            u = m.importance(out["states"].clone(), m.pair_features(alpha, out["g_out"].clone(), out["token_feats"].clone()),
                              self.host.W_U[out["token_ids"].clone()])[..., 0].flatten(1)
             u.gather(1, top[:, None].clone()).sum().backward()
             scores = (alpha.grad * (alpha.detach() - m.alpha_mean)).flatten(1, 2)  # [N, L*3, k]

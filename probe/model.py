@@ -22,8 +22,11 @@ error), which makes final-depth agreement with the host exact by construction.
 
 Importance head (amortized ablation, METHOD.md section 4 option 2). For block i, family f:
     phi_if = [alpha_if ; g_out_if (both standardized) ; log|comp_if|, log|g_out_if|, log|comp_if . g_out_if|]
+    s_if   = [log|comp_if|, log|g_out_if|, log|comp_if . g_out_if|, host log p(y), host entropy]
     z_if   = GELU(LN(A_f phi_if + B y_{i+1} + C y_L + E_if)) * (1 + Q W_U[y])                [a]
-    [u_if, v_if] = M(z_if) + b_if                                                                [2]
+    [u_if, v_if] = M(z_if) + W_if s_if + b_if                                                   [2]
+(the per-pair affine part W_if s_if alone -- how much of the vector is removed, how confident the
+host is -- already carries most of the predictable signal; the shared MLP adds the context)
 (comp = B_if x_if, the family vector's component in its top-k basis). u_if is trained to predict
 log(|drop_if| + eps), drop_if being the host's own ablation effect on log p(y) (probe.ablation /
 probe.fast_ablation: the top-k directions projected out at the decision position), so
@@ -80,6 +83,9 @@ class ProbeConfig:
         return asdict(self)
 
 
+N_SCALARS = 5  # per-pair scalars s_if: log|comp|, log|g_out|, log|comp . g_out|, host log p(y), host entropy
+
+
 class EncoderLayer(nn.Module):
     """Pre-norm transformer layer with a causal mask over depth."""
 
@@ -129,6 +135,7 @@ class ProbeModel(nn.Module):
         self.i_token = nn.Linear(d, a)  # Q
         self.i_mlp = nn.Sequential(nn.Linear(a, a), nn.GELU(), nn.Linear(a, 2))  # M
         self.i_bias = nn.Parameter(torch.zeros(L, 3, 2))  # b_if
+        self.i_lin = nn.Parameter(torch.zeros(L, 3, N_SCALARS, 2))  # w_if: per-pair affine on s_if
 
     def standardize(self, alpha: Tensor) -> Tensor:
         """alpha [N, L, 3, k] -> standardized [N, L, 3, k]."""
@@ -149,29 +156,41 @@ class ProbeModel(nn.Module):
         corr = self.out(y[:, :-1])
         return torch.cat([resid[:, :-1] + corr, resid[:, -1:]], dim=1)
 
-    def pair_features(self, alpha: Tensor, g_out: Tensor) -> Tensor:
-        """phi [N, L, 3, 2k+3] from raw alpha and g_out [N, L, 3, k] (see module docstring)."""
+    def pair_features(self, alpha: Tensor, g_out: Tensor, token_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """(phi [N, L, 3, 2k+3], s [N, L, 3, N_SCALARS]) from raw alpha, g_out [N, L, 3, k] and
+        token_feats [N, 2] = (host log p(y), host entropy over the top-K) (see module docstring)."""
         comp = alpha / self.comp_scale
         logs = torch.stack([torch.log(comp.norm(dim=-1) + 1e-6), torch.log(g_out.norm(dim=-1) + 1e-9) + 5,
                             torch.log((comp * g_out).sum(-1).abs() + 1e-6)], dim=-1)
-        return torch.cat([self.standardize(alpha), g_out / self.g_out_std, logs], dim=-1)
+        phi = torch.cat([self.standardize(alpha), g_out / self.g_out_std, logs], dim=-1)
+        s = torch.cat([logs, token_feats[:, None, None].expand(-1, logs.shape[1], 3, -1)], dim=-1)
+        return phi, s
 
-    def importance(self, y: Tensor, phi: Tensor, token_rows: Tensor) -> Tensor:
-        """[u, v] log-magnitude predictions [N, L, 3, 2]: y [N, L+1, w] trunk states, phi pair
-        features [N, L, 3, 2k+3], token_rows = W_U[y_emitted] [N, d]."""
+    def importance(self, y: Tensor, feats: tuple[Tensor, Tensor], token_rows: Tensor) -> Tensor:
+        """[u, v] log-magnitude predictions [N, L, 3, 2]: y [N, L+1, w] trunk states, feats from
+        pair_features, token_rows = W_U[y_emitted] [N, d]."""
+        phi, s = feats
         z = torch.einsum("nlfk,fka->nlfa", phi, self.i_in)
         z = z + self.i_depth(y[:, 1:])[:, :, None] + self.i_final(y[:, -1])[:, None, None] + self.i_pair
         z = F.gelu(self.i_ln(z)) * (1 + self.i_token(token_rows)[:, None, None])
-        return self.i_mlp(z) + self.i_bias
+        return self.i_mlp(z) + self.i_bias + torch.einsum("nlfs,lfso->nlfo", s, self.i_lin)
 
     def attribution(self, u: Tensor) -> Tensor:
         """Predicted |change of log p(y)| in nats from the log-magnitude output u [...]."""
         return (u.exp() - self.cfg.eps_nats).clamp_min(0)
 
-    def forward(self, resid: Tensor, alpha: Tensor, g_out: Tensor, token_rows: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, resid: Tensor, alpha: Tensor, g_out: Tensor, token_rows: Tensor,
+                token_feats: Tensor) -> tuple[Tensor, Tensor]:
         """-> (corrected residuals r [N, L+1, d], log-magnitude predictions [N, L, 3, 2])."""
         y = self.trunk(resid, self.standardize(alpha))
-        return self.corrected_resid(resid, y), self.importance(y, self.pair_features(alpha, g_out), token_rows)
+        return self.corrected_resid(resid, y), self.importance(y, self.pair_features(alpha, g_out, token_feats),
+                                                               token_rows)
+
+
+def token_features(host_logprob: Tensor, cand_logits: Tensor) -> Tensor:
+    """[N, 2]: the host's log p(y) (full vocabulary) and the entropy of its top-K distribution (nats)."""
+    p = torch.softmax(cand_logits.float(), dim=-1)
+    return torch.stack([host_logprob.float(), -(p * torch.log(p.clamp_min(1e-12))).sum(-1)], dim=-1)
 
 
 def readout_logits(final_norm, r: Tensor, W_rows: Tensor) -> Tensor:

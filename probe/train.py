@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from probe.data import TokenSet, build_dataset, component_scale
 from probe.host import Host
-from probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits
+from probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits, token_features
 from probe.svd import SvdFactors
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
             order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
         b = data.subset(order[pos:pos + cfg.batch_size])
         pos += cfg.batch_size
-        r, pred = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids])
+        r, pred = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids], token_features(b.host_logprob, b.cand_logits))
         negatives = torch.randperm(host.vocab_size, generator=gen)[:cfg.negatives]
         loss = readout_loss(host, model, r, b, cfg.ce_weight, negatives)
         track("readout", loss)
@@ -178,7 +178,8 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
             l_pos += cfg.ablation_batch_size
             with torch.set_grad_enabled(cfg.ablation_grad_to_trunk):
                 states = model.trunk(lb.resid, model.standardize(lb.alpha))
-            u = model.importance(states, model.pair_features(lb.alpha, lb.g_out), host.W_U[lb.token_ids])[..., 0]
+            feats = model.pair_features(lb.alpha, lb.g_out, token_features(lb.host_logprob, lb.cand_logits))
+            u = model.importance(states, feats, host.W_U[lb.token_ids])[..., 0]
             loss_abl = ablation_loss(u, lb.drop, eps, cfg.rank_weight, cfg.rank_temperature)
             loss = loss + cfg.ablation_weight * loss_abl
             track("ablation", loss_abl)

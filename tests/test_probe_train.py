@@ -13,7 +13,7 @@ from probe.collect_replica import capture, label_gradients, label_trace
 from probe.data import build_dataset, write_trace
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
-from probe.model import ProbeConfig, ProbeModel
+from probe.model import ProbeConfig, ProbeModel, token_features
 from probe.names import FAMILIES
 from probe.evaluate import spearman
 from probe.svd import load_or_compute
@@ -56,7 +56,7 @@ def tiny_setup(tmp_path_factory):
 def _final_agreement_of_depth(model: ProbeModel, host: Host, ds, depth: int) -> float:
     """Top-1 agreement with the host over the full vocabulary of the readout at `depth`."""
     with torch.no_grad():
-        r, _ = model(ds.resid, ds.alpha, ds.g_out, host.W_U[ds.token_ids])
+        r, _ = model(ds.resid, ds.alpha, ds.g_out, host.W_U[ds.token_ids], token_features(ds.host_logprob, ds.cand_logits))
         return (host.logits(r[:, depth]).argmax(-1) == ds.cand_ids[:, 0]).float().mean().item()
 
 
@@ -82,7 +82,8 @@ def test_trained_probe_beats_untrained_null(tiny_setup):
 
     def rho(m: ProbeModel) -> float:
         with torch.no_grad():
-            _, pred = m(test_ds.resid, test_ds.alpha, test_ds.g_out, host.W_U[test_ds.token_ids])
+            _, pred = m(test_ds.resid, test_ds.alpha, test_ds.g_out, host.W_U[test_ds.token_ids],
+                        token_features(test_ds.host_logprob, test_ds.cand_logits))
         return float(spearman(m.attribution(pred[..., 0]).flatten(1), target).mean())
 
     assert rho(model) > rho(null) + 0.15, (rho(model), rho(null))

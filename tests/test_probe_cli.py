@@ -1,0 +1,57 @@
+"""`alignlens probe collect|train|eval` end to end on a tiny random Llama that borrows the default
+model's tokenizer (skipped when that checkpoint has not been fetched)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from probe.artifact import read_metadata
+
+DEFAULT = Path.home() / ".cache" / "alignlens" / "models" / "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    if not (DEFAULT / ".alignlens-complete").is_file():
+        pytest.skip("default model not fetched (alignlens model fetch): its tokenizer is borrowed here")
+    out = tmp_path_factory.mktemp("tiny-host")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (DEFAULT / name).is_file():
+            shutil.copy(DEFAULT / name, out / name)
+    return out
+
+
+def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from service.cli import main
+
+    monkeypatch.setenv("ALIGNLENS_HOME", str(tmp_path / "home"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "chat": i % 2 == 0})
+                                 for i, p in enumerate(["Hello there", "def add(", "List three colors", "2 + 2 ="])))
+    trace = tmp_path / "t.safetensors"
+    assert main(["probe", "collect", "--engine", "replica", "--model", str(tiny_checkpoint), "--prompts", str(prompts),
+                 "--split", "all", "--max-tokens", "6", "--label-rows", "2", "--k", "8", "--out", str(trace)]) == 0
+    artifact = tmp_path / "probe.safetensors"
+    assert main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(artifact),
+                 "--steps", "10", "--k", "8", "--width", "16", "--encoder-layers", "1", "--top-k", "8"]) == 0
+    capsys.readouterr()
+    assert main(["probe", "eval", "--probe", str(artifact), "--model", str(tiny_checkpoint), "--data", str(trace),
+                 "--tokens", "20", "--ablation-tokens", "6", "--json", "--write"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("final_top1_agreement", "depth_kl", "logit_lens_kl", "depth_top1", "logit_lens_top1",
+                "faithfulness_spearman", "faithfulness_top_vs_random", "null_faithfulness_spearman",
+                "null_faithfulness_top_vs_random", "tokens"):
+        assert key in result, key
+    assert len(result["depth_kl"]) == 4 and result["final_top1_agreement"] == 1.0
+    assert read_metadata(artifact)["evaluation"]["tokens"] == result["tokens"]
