@@ -20,7 +20,8 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignlens", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="alignlens", description="vLLM serving with per-token weight-alignment attribution.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
