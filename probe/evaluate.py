@@ -74,9 +74,10 @@ def faithfulness(attribution: Tensor, drop: Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def depth_curves(att: Attributor, model: ProbeModel, data: TokenSet, chunk: int = 64) -> dict[str, list[float]]:
+def depth_curves(att: Attributor, model: ProbeModel, data: TokenSet, chunk: int = 64,
+                 lens: bool = True) -> dict[str, list[float]]:
     """Full-vocabulary KL(host || readout_l) and top-1 agreement per depth, for `model`'s readout
-    and for the logit lens, on `data` (rows of resid h_0..h_L)."""
+    and (lens=True) for the logit lens, on `data` (rows of resid h_0..h_L)."""
     h = att.host
     L = h.n_layers
     sums = {k: torch.zeros(L + 1, dtype=torch.float64) for k in ("kl", "top1", "lens_kl", "lens_top1")}
@@ -87,7 +88,7 @@ def depth_curves(att: Attributor, model: ProbeModel, data: TokenSet, chunk: int 
         host_top = host_lp.argmax(-1)
         p = host_lp.exp()
         for l in range(L + 1):
-            for key, x in (("", r[:, l]), ("lens_", resid[:, l])):
+            for key, x in (("", r[:, l]), ("lens_", resid[:, l]))[:2 if lens else 1]:
                 lp = torch.log_softmax(h.logits(x), -1)
                 sums[key + "kl"][l] += (p * (host_lp - lp)).sum(-1).clamp_min(0).sum().double()
                 sums[key + "top1"][l] += (lp.argmax(-1) == host_top).sum().double()
@@ -147,7 +148,7 @@ def evaluate(att: Attributor, model_tf: nn.Module, trace_path: str | Path, token
 
     log.info("depth: full-vocabulary curves on %d tokens", len(data))
     trained = depth_curves(att, att.model, data)
-    untrained = depth_curves(att, null, data)
+    untrained = depth_curves(att, null, data, lens=False)
 
     # ablation on the first positions of each prompt until ablation_tokens are reached
     log.info("ablation: host ablations of %d (block, family) pairs on up to %d tokens", 3 * h.n_layers,

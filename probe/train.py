@@ -52,7 +52,7 @@ class TrainConfig:
     ablation_batch_size: int = 32  # ablation-labelled tokens per step
     ablation_weight: float = 1.0  # weight of the ablation (u) loss
     linearized_weight: float = 0.5  # weight of the auxiliary linearized-effect (v) loss
-    rank_weight: float = 1.0  # weight of the ListNet term inside the ablation loss
+    rank_weight: float = 0.0  # weight of the ListNet term inside the ablation loss (0: it did not help on SmolLM2)
     rank_temperature: float = 0.5  # T of the ListNet softmax, in log-nats
     ablation_grad_to_trunk: bool = False  # let the (few) ablation labels train the shared trunk too
     seed: int = 0  # torch seed: init, batch order, negatives
