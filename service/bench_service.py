@@ -60,7 +60,14 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
         t0 = time.perf_counter()
         with AttributionClient(f"127.0.0.1:{self.port}") as c:
-            c.wait_ready(timeout_s=900)
+            while c.health() != "SERVING":
+                if self.proc.poll() is not None:
+                    self._log.close()
+                    tail = self.log_path.read_text()[-3000:]
+                    raise RuntimeError(f"alignlens serve exited with {self.proc.returncode}:\n{tail}")
+                if time.perf_counter() - t0 > 900:
+                    raise TimeoutError(f"alignlens serve not SERVING after 900 s (log {self.log_path})")
+                time.sleep(0.5)
         self.start_seconds = time.perf_counter() - t0
         log.info("serve: SERVING after %.1f s (log %s)", self.start_seconds, self.log_path)
         return self

@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import pytest
-
-from test_service import make_probe_artifact
+from tiny_models import make_probe_artifact
 
 
 @pytest.mark.slow

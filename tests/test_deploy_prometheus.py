@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_harness import PrometheusServer, free_port
 from test_deploy import METRICS, REPO, RULE_FILES
+from tiny_models import make_probe_artifact
 
 pytestmark = pytest.mark.slow
 
@@ -41,23 +42,6 @@ def _require_server() -> None:
     except ModuleNotFoundError as exc:
         pytest.skip(f"`alignlens serve` cannot be imported yet: module {exc.name} is missing")
     pytest.importorskip("vllm", reason="vLLM is not installed")
-
-
-def _tiny_probe(checkpoint: Path, out: Path) -> Path:
-    """An untrained probe artifact for `checkpoint`: attributions are meaningless, but every
-    attribution metric is produced exactly as with a trained one."""
-    import torch
-
-    from probe.artifact import save_artifact
-    from probe.fingerprint import host_fingerprint
-    from probe.host import Host
-    from probe.model import ProbeConfig, ProbeModel
-
-    host = Host.from_checkpoint(checkpoint)
-    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=8, width=32, n_encoder_layers=1,
-                      n_heads=2, ablation_width=16, top_k=8)
-    torch.manual_seed(0)
-    return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": host_fingerprint(host), "k": cfg.k})
 
 
 def _wait_serving(address: str, proc: subprocess.Popen, log: Path) -> None:
@@ -146,7 +130,7 @@ def _like_the_image(cmd: list[str], tmp_path: Path, read_only: list[Path]) -> tu
 def test_prometheus_scrapes_a_serving_alignlens(tiny_llama, tmp_path):
     _require_server()
     grpc_port, metrics_port = free_port(), free_port()
-    probe_path = _tiny_probe(tiny_llama, tmp_path / "probe" / "tiny.safetensors")
+    probe_path = make_probe_artifact(tiny_llama, tmp_path / "probe" / "tiny.safetensors")
     log = tmp_path / "serve.log"
     serve = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe", str(probe_path),
              "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tiny_models import make_probe_artifact
 
 from service.client import AttributionClient, field_violations, pb2
 from service.messages import token_to_dict
@@ -95,26 +96,6 @@ class ServerProcess:
         self._log.close()
 
 
-def make_probe_artifact(model: Path, out: Path, fingerprint: str | None = None) -> Path:
-    """An untrained probe artifact for `model` (or claiming `fingerprint`)."""
-    from probe.artifact import save_artifact
-    from probe.fingerprint import host_fingerprint
-    from probe.host import Host
-    from probe.model import ProbeConfig, ProbeModel
-
-    host = Host.from_checkpoint(model)
-    import torch
-
-    torch.manual_seed(0)
-    # Small sizes for the fields that exist (the probe's hyper-parameters evolve independently of
-    # this test, which only needs some artifact of the right host).
-    small = dict(k=8, width=32, n_encoder_layers=1, n_heads=2, head_width=16, ablation_width=16, top_k=8)
-    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
-    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, **{k: v for k, v in small.items() if k in fields})
-    return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": fingerprint or host_fingerprint(host),
-                                                       "k": 8, "family_map": host.describe()})
-
-
 @pytest.fixture(scope="module")
 def probe_path(tiny_llama, tmp_path_factory) -> Path:
     return make_probe_artifact(tiny_llama, tmp_path_factory.mktemp("probe") / "tiny.safetensors")
@@ -151,7 +132,9 @@ def test_record_and_proto_fields_match():
 
 
 def test_health_reflection_and_model_info(server, tiny_llama, probe_path):
-    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
 
     from probe.fingerprint import host_fingerprint
     from probe.host import Host

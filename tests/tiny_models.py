@@ -71,3 +71,25 @@ def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int 
     data["torch_dtype"] = "float32"
     cfg_path.write_text(json.dumps(data, indent=2))
     return out
+
+
+def make_probe_artifact(model: Path, out: Path, fingerprint: str | None = None) -> Path:
+    """An untrained probe artifact for `model` (or claiming `fingerprint`).
+
+    Attributions from it are meaningless, but every field and metric is produced exactly as
+    with a trained probe. Only the hyper-parameters the current ProbeConfig has are set.
+    """
+    import dataclasses
+
+    from probe.artifact import save_artifact
+    from probe.fingerprint import host_fingerprint
+    from probe.host import Host
+    from probe.model import ProbeConfig, ProbeModel
+
+    host = Host.from_checkpoint(model)
+    torch.manual_seed(0)
+    small = dict(k=8, width=32, n_encoder_layers=1, n_heads=2, head_width=16, ablation_width=16, top_k=8)
+    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
+    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, **{k: v for k, v in small.items() if k in fields})
+    return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": fingerprint or host_fingerprint(host),
+                                                       "k": 8, "family_map": host.describe()})

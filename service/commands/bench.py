@@ -57,9 +57,15 @@ def run(args: argparse.Namespace) -> int:
         from service.bench import BENCH_PROMPTS
         from service.bench_service import bench_service
 
+        # the server runs with the same vLLM settings as the engine-level runs
+        serve_args = ["--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
+                      "--max-num-seqs", str(config.max_num_seqs),
+                      "--max-num-batched-tokens", str(config.max_num_batched_tokens),
+                      "--kv-cache-gib", str(config.kv_cache_gib),
+                      "--enforce-eager" if config.enforce_eager else "--no-enforce-eager"]
         report["service"] = bench_service(config.model, probe, [int(n) for n in args.streams.split(",")],
                                           args.max_tokens, [int(n) for n in args.audit_lengths.split(",")],
-                                          args.repetitions, BENCH_PROMPTS)
+                                          args.repetitions, BENCH_PROMPTS, serve_args)
     table = markdown_table(report)
     if args.out:
         Path(args.out).write_text(table + "\n")
