@@ -96,15 +96,14 @@ def run_streams(target: str, n: int, max_tokens: int, prompts: list[str]) -> dic
     def one(i: int, client: AttributionClient, t0: float) -> None:
         try:
             first = None
-            for msg in client.generate(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.0,
-                                       ignore_eos=True, detail="summary"):
-                if msg.HasField("token"):
-                    if first is None:
-                        first = time.perf_counter() - t0
-                        ttft.append(first)
-                    if not msg.token.HasField("attribution"):
-                        raise RuntimeError("stream returned a token without attribution")
-                    tokens[i] += 1
+            for token in client.generate(prompts[i % len(prompts)], max_tokens=max_tokens, temperature=0.0,
+                                         ignore_eos=True, detail="summary"):
+                if first is None:
+                    first = time.perf_counter() - t0
+                    ttft.append(first)
+                if not token.HasField("attribution"):
+                    raise RuntimeError("stream returned a token without attribution")
+                tokens[i] += 1
         except BaseException as exc:  # noqa: BLE001 - reported after the join
             errors.append(exc)
 
