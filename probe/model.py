@@ -25,9 +25,9 @@ Importance head (amortized ablation, METHOD.md section 4 option 2). For block i,
     s_if   = [log|comp_if|, log|g_out_if|, log|comp_if . g_out_if|, host log p(y), host entropy]
     z_if   = GELU(LN(A_f phi_if + B y_{i+1} + C y_L + E_if)) * (1 + Q W_U[y])                [a]
     [u_if, v_if] = M(z_if) + W_if s_if + b_if                                                   [2]
-(the per-pair affine part W_if s_if alone -- how much of the vector is removed, how confident the
-host is -- already carries most of the predictable signal; the shared MLP adds the context)
-(comp = B_if x_if, the family vector's component in its top-k basis). u_if is trained to predict
+with comp = B_if x_if, the family vector's coordinates in its top-k basis. The per-pair affine part
+W_if s_if alone (how much of the vector the ablation removes, how confident the host is) carries
+most of the predictable signal; the shared MLP adds the context. u_if is trained to predict
 log(|drop_if| + eps), drop_if being the host's own ablation effect on log p(y) (probe.ablation /
 probe.fast_ablation: the top-k directions projected out at the decision position), so
     family_attribution_if = max(exp(u_if) - eps, 0)      predicted |change of log p(y)| in nats
@@ -37,21 +37,24 @@ training token, whereas real ablations are affordable for a sample), which shape
 features with 5-10x more contexts.
 
 Why magnitudes, and why not gradients: measured on SmolLM2-135M (held-out tokens, Spearman over
-the 90 pairs against real ablations):
-    - gradient x input of the probe's own readout (METHOD's default): ~0; the readout sees h_L
+the 90 pairs against real ablations, mean over tokens; probe/artifacts/README.md):
+    - gradient x input of the probe's own readout (METHOD's default): -0.07; the readout sees h_L
       directly, so its dependence on alpha is arbitrary;
-    - the host's own gradient x input (linearized ablation): 0.60 signed -- but the probe cannot
-      amortize the host's gradient at inner blocks (a head trained on it reached 0.10: those
-      gradients are uncorrelated with anything cheap, e.g. the output gradient, corr ~0.0);
-    - signs of the small effects are therefore out of reach for a cheap probe (any head: ~0.2,
-      the mean profile alone 0.19), while magnitudes are predictable (mean profile 0.49, a
-      per-pair ridge on simple features 0.56). Importance (METHOD section 4 defines it from
-      |gradient x input|) is a magnitude; it is evaluated against |drop|, and the signed numbers are
-      reported beside it.
+    - the host's own gradient x input (linearized ablation, a backward pass of the host): 0.60
+      signed, 0.58 on magnitudes -- but a probe cannot amortize the host's gradient at inner
+      blocks (a head trained on it reached 0.10: those gradients are uncorrelated with anything
+      cheap, e.g. the output gradient, corr ~0.0);
+    - so the signs of the many small effects are out of reach for a cheap probe (this head: 0.19,
+      the token-independent mean profile 0.19), while magnitudes are predictable (mean profile
+      0.49, this head 0.54). Importance (METHOD section 4 defines it from |gradient x input|) is
+      a magnitude; it is evaluated against |drop|, and the signed numbers are reported beside it.
+    - tried and dropped: a head regressing signed (compressed) drops directly (0.19, the mean
+      profile), a ListNet ranking term (slightly worse), letting the few ablation labels train
+      the trunk (overfits).
 
 FLOPs per token (multiply-adds, SmolLM2-135M: L=30, d=576, k=32, w=128, a=64, 2 layers, |C|=33):
     ActProj (L+1)dw 2.3M, AlignProj 3Lkw 0.4M, encoder 2*(L+1)*12w^2 12.2M, Out (L+1)wd 2.3M,
-    readout (L+1)|C|d 0.6M, importance head 3L((2k+3)a + a*a + 2a) + L*w*a = 0.9M: about 19M;
+    readout (L+1)|C|d 0.6M, importance head 3L((2k+3)a + a*a + 2a) + L*w*a = 1.0M: about 19M;
     plus what probe.attribution adds around it (host logits 28.3M, features and g_out 3.4M).
 """
 
