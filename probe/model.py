@@ -48,9 +48,10 @@ the 90 pairs against real ablations, mean over tokens; probe/artifacts/README.md
       the token-independent mean profile 0.19), while magnitudes are predictable (mean profile
       0.49, this head 0.54). Importance (METHOD section 4 defines it from |gradient x input|) is
       a magnitude; it is evaluated against |drop|, and the signed numbers are reported beside it.
-    - tried and dropped: a head regressing signed (compressed) drops directly (0.19, the mean
-      profile), a ListNet ranking term (slightly worse), letting the few ablation labels train
-      the trunk (overfits).
+    - tried and dropped: a head regressing signed (compressed) drops directly (0.19, no better
+      than the mean profile), a ListNet ranking term (slightly worse in a head-only fit). The few
+      ablation labels do not train the shared trunk (TrainConfig.ablation_grad_to_trunk, off;
+      not measured on the real host).
 
 FLOPs per token (multiply-adds, SmolLM2-135M: L=30, d=576, k=32, w=128, a=64, 2 layers, |C|=33):
     ActProj (L+1)dw 2.3M, AlignProj 3Lkw 0.4M, encoder 2*(L+1)*12w^2 12.2M, Out (L+1)wd 2.3M,
