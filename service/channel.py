@@ -61,6 +61,15 @@ def record_tensors(message: dict, record: dict) -> tuple[torch.Tensor, torch.Ten
     return resid, mid
 
 
+def _close_pull(sock, ctx, address: str) -> None:
+    """Close a bound PULL socket and remove its IPC file."""
+    sock.close(linger=0)
+    ctx.term()
+    path = address.removeprefix("ipc://")
+    if os.path.exists(path):
+        os.unlink(path)
+
+
 @dataclass
 class RequestRecords:
     """Records received for one request, keyed by (kind, index)."""
@@ -143,11 +152,7 @@ class CaptureSink:
     def shutdown(self) -> None:
         if self._task is not None:
             self._task.cancel()
-        self._sock.close(linger=0)
-        self._ctx.term()
-        path = self.address.removeprefix("ipc://")
-        if os.path.exists(path):
-            os.unlink(path)
+        _close_pull(self._sock, self._ctx, self.address)
 
 
 class SyncCaptureSink:
@@ -173,11 +178,7 @@ class SyncCaptureSink:
         return got
 
     def shutdown(self) -> None:
-        self._sock.close(linger=0)
-        self._ctx.term()
-        path = self.address.removeprefix("ipc://")
-        if os.path.exists(path):
-            os.unlink(path)
+        _close_pull(self._sock, self._ctx, self.address)
 
 
 class CaptureSender:
