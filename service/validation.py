@@ -164,23 +164,24 @@ def sampling(msg, n_prompt: int, limits: ModelLimits) -> dict:
     return out
 
 
-def generate_request(req, limits: ModelLimits) -> GenerateInput:
-    """Validate a GenerateRequest. Raises InvalidArgument / FailedPrecondition."""
+def _common(req, limits: ModelLimits) -> tuple[str, int, list[int]]:
+    """The fields Generate and Audit share, in the same order: request id, detail, prompt."""
     rid = request_id(req.request_id)
     level = detail(req, limits)
     if not req.HasField("prompt"):
         raise InvalidArgument("prompt", "prompt: set one of text, token_ids or chat")
-    ids = prompt(req.prompt, limits)
+    return rid, level, prompt(req.prompt, limits)
+
+
+def generate_request(req, limits: ModelLimits) -> GenerateInput:
+    """Validate a GenerateRequest. Raises InvalidArgument / FailedPrecondition."""
+    rid, level, ids = _common(req, limits)
     return GenerateInput(rid, ids, sampling(req.sampling, len(ids), limits), level)
 
 
 def audit_request(req, limits: ModelLimits) -> AuditInput:
     """Validate an AuditRequest. Raises InvalidArgument / FailedPrecondition."""
-    rid = request_id(req.request_id)
-    level = detail(req, limits)
-    if not req.HasField("prompt"):
-        raise InvalidArgument("prompt", "prompt: set one of text, token_ids or chat")
-    ids = prompt(req.prompt, limits)
+    rid, level, ids = _common(req, limits)
     kind = req.WhichOneof("completion")
     if kind is None:
         raise InvalidArgument("completion", "completion: set completion_text or completion_token_ids")
