@@ -98,11 +98,11 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
     todo = prompt_indices(trace_path)
     pending = 0
     for i in tqdm(todo, desc="ablation labels", disable=not progress):
-        T = read_prompt(trace_path, i)["token_ids"].shape[0]
+        rec = read_prompt(trace_path, i)
+        T = rec["token_ids"].shape[0]
         rows = torch.randperm(T, generator=gen)[:rows_per_prompt].sort().values  # drawn even if skipped
         if f"{i}.rows" in done:
             continue
-        rec = read_prompt(trace_path, i)
         P = rec["prompt_token_ids"].shape[0]
         seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
         base, drop = ablator.drops(seq, P - 1 + rows, rec["token_ids"][rows])
