@@ -40,6 +40,14 @@ def encode_prompts(tokenizer, prompts: list, chat: bool = False) -> list[list[in
     return out
 
 
+def trace_tensors(prompt_ids: list[int], joined: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+    """One prompt's four trace tensors from its records in output order."""
+    pairs = [record_tensors(message, rec) for message, rec in joined]
+    return {"prompt_token_ids": torch.tensor(prompt_ids, dtype=torch.int64),
+            "token_ids": torch.tensor([rec["token"] for _m, rec in joined], dtype=torch.int64),
+            "resid": torch.stack([p[0] for p in pairs]), "resid_mid": torch.stack([p[1] for p in pairs])}
+
+
 async def trace_with_engine(engine: CaptureEngine, prompt_ids: list[list[int]], max_tokens: int,
                             temperature: float = 0.0, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Run all prompts concurrently; return per prompt its four tensors."""
@@ -47,17 +55,11 @@ async def trace_with_engine(engine: CaptureEngine, prompt_ids: list[list[int]], 
 
     async def one(i: int, ids: list[int]) -> dict[str, torch.Tensor]:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
-        resid, mid, tokens = [], [], []
+        joined_all: list[tuple[dict, dict]] = []
         async for _out, joined in engine.generate_captured(f"trace-{i}-{time.monotonic_ns()}", ids, params,
                                                            resid=True):
-            for message, rec in joined:
-                r, m = record_tensors(message, rec)
-                resid.append(r)
-                mid.append(m)
-                tokens.append(rec["token"])
-        return {"prompt_token_ids": torch.tensor(ids, dtype=torch.int64),
-                "token_ids": torch.tensor(tokens, dtype=torch.int64),
-                "resid": torch.stack(resid), "resid_mid": torch.stack(mid)}
+            joined_all += joined
+        return trace_tensors(ids, joined_all)
 
     return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompt_ids))))
 
@@ -121,11 +123,5 @@ def trace_inproc(engine: InprocCaptureEngine, prompt_ids: list[list[int]], max_t
 
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + i)
               for i in range(len(prompt_ids))]
-    results = []
-    for ids, (_out, joined) in zip(prompt_ids, engine.generate_captured(prompt_ids, params, resid=True)):
-        pairs = [record_tensors(m, r) for m, r in joined]
-        results.append({"prompt_token_ids": torch.tensor(ids, dtype=torch.int64),
-                        "token_ids": torch.tensor([r["token"] for _m, r in joined], dtype=torch.int64),
-                        "resid": torch.stack([p[0] for p in pairs]),
-                        "resid_mid": torch.stack([p[1] for p in pairs])})
-    return results
+    return [trace_tensors(ids, joined)
+            for ids, (_out, joined) in zip(prompt_ids, engine.generate_captured(prompt_ids, params, resid=True))]
