@@ -44,6 +44,10 @@ def _require_single_stage() -> None:
 class _AuxCaptureMixin:
     """Records [h_0, m_1, h_1, ..., m_L, h_L] through the EAGLE-3 aux mechanism."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._enable_full_capture()
+
     def _enable_full_capture(self) -> None:
         _require_single_stage()
         self._set_aux_hidden_state_layers(tuple(range(self.start_layer, self.end_layer + 1)))
@@ -60,15 +64,11 @@ class _AuxCaptureMixin:
 
 
 class CaptureLlamaModel(_AuxCaptureMixin, LlamaModel):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._enable_full_capture()
+    pass
 
 
 class CaptureQwen2Model(_AuxCaptureMixin, Qwen2Model):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._enable_full_capture()
+    pass
 
 
 class CaptureGPT2Model(GPT2Model):
@@ -87,34 +87,32 @@ class CaptureGPT2Model(GPT2Model):
         return self.ln_f(h), stream
 
 
-def _split_output(model_output):
-    if isinstance(model_output, tuple):
-        hidden, stream = model_output
-        capture.on_forward(stream)
-        return hidden
-    return model_output
+class _CaptureForwardMixin:
+    """Outer, uncompiled forward: hand the stream to capture, return the plain hidden states."""
+
+    _inner = "model"  # attribute holding the compiled inner model
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        out = getattr(self, self._inner)(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if isinstance(out, tuple):
+            hidden, stream = out
+            capture.on_forward(stream)
+            return hidden
+        return out
 
 
-class CaptureLlamaForCausalLM(LlamaForCausalLM):
+class CaptureLlamaForCausalLM(_CaptureForwardMixin, LlamaForCausalLM):
     def _init_model(self, vllm_config, prefix="", layer_type=LlamaDecoderLayer):
         return CaptureLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return _split_output(self.model(input_ids, positions, intermediate_tensors, inputs_embeds))
-
 
 class CaptureMistralModel(_AuxCaptureMixin, MistralModel):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._enable_full_capture()
+    pass
 
 
-class CaptureMistralForCausalLM(MistralForCausalLM):
+class CaptureMistralForCausalLM(_CaptureForwardMixin, MistralForCausalLM):
     def _init_model(self, vllm_config, prefix="", layer_type=MistralDecoderLayer):
         return CaptureMistralModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return _split_output(self.model(input_ids, positions, intermediate_tensors, inputs_embeds))
 
 
 class _SwapInner:
@@ -131,22 +129,18 @@ class _SwapInner:
         setattr(self.module, self.name, self.original)
 
 
-class CaptureQwen2ForCausalLM(Qwen2ForCausalLM):
+class CaptureQwen2ForCausalLM(_CaptureForwardMixin, Qwen2ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         with _SwapInner(vllm_qwen2, "Qwen2Model", CaptureQwen2Model):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return _split_output(self.model(input_ids, positions, intermediate_tensors, inputs_embeds))
 
+class CaptureGPT2LMHeadModel(_CaptureForwardMixin, GPT2LMHeadModel):
+    _inner = "transformer"
 
-class CaptureGPT2LMHeadModel(GPT2LMHeadModel):
     def __init__(self, *, vllm_config, prefix: str = ""):
         with _SwapInner(vllm_gpt2, "GPT2Model", CaptureGPT2Model):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
-        return _split_output(self.transformer(input_ids, positions, intermediate_tensors, inputs_embeds))
 
 
 __all__ = [
