@@ -198,6 +198,10 @@ def markdown_table(report: dict) -> str:
                       f"(context {cost['context_tokens']}), features + probe "
                       f"{cost['attribution_flops_per_token'] / 1e6:.0f} MFLOP/token = "
                       f"{cost['attribution_over_host']:.2f} of the host."]
+        per_token = cost.get("probe_seconds_per_token")
+        if per_token:
+            lines += ["", "Probe wall time on one thread (the emitter's), per token: " + ", ".join(
+                f"{n} rows per call {s * 1e3:.2f} ms" for n, s in per_token.items()) + "."]
     service = report.get("service")
     if service:
         lines += ["", "| through the server | tokens/s (median) | spread | TTFT p50 ms |", "|---|---:|---|---:|"]
@@ -205,12 +209,29 @@ def markdown_table(report: dict) -> str:
             lines.append(f"| {n} concurrent Generate streams | {row['tokens_per_second']:.1f} | "
                          f"{row['min']:.1f}..{row['max']:.1f} (n={row['repetitions']}) | "
                          f"{row['ttft_p50_seconds'] * 1e3:.0f} |")
+        for n, row in service["streams"].items():
+            direct = service_over_engine(report, n)
+            if direct is not None:
+                lines.append(f"| ... over engine-direct attributed at batch {n} | {direct:.3f} | | |")
+        lines += ["", "| Audit, logged completion | tokens/s (median) | spread | Generate, same length, tokens/s "
+                      "| Audit over Generate | over the 1-stream row |", "|---|---:|---|---:|---:|---:|"]
         for n, row in service["audit"].items():
-            ratio = row.get("over_generate_per_stream")
-            lines.append(f"| Audit, {n}-token completion | {row['tokens_per_second']:.1f} | "
+            per_stream = row.get("over_generate_per_stream")
+            lines.append(f"| {n} tokens | {row['tokens_per_second']:.1f} | "
                          f"{row['min']:.1f}..{row['max']:.1f} (n={row['repetitions']}) | "
-                         f"{'x%.1f vs one Generate stream' % ratio if ratio else '-'} |")
+                         f"{row['generate_tokens_per_second']:.1f} | x{row['over_generate_same_length']:.1f} | "
+                         f"{'x%.1f' % per_stream if per_stream else '-'} |")
     return "\n".join(lines)
+
+
+def service_over_engine(report: dict, streams: str) -> float | None:
+    """Tokens/s through the server with `streams` concurrent streams over the engine-direct
+    attributed run at the same batch size (None when that batch was not measured)."""
+    engine = report.get("batches", {}).get(str(streams), {}).get("attributed")
+    service = report.get("service", {}).get("streams", {}).get(str(streams))
+    if not isinstance(engine, dict) or not service:
+        return None
+    return service["tokens_per_second"] / engine["tokens_per_second"]
 
 
 def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 128) -> dict:
@@ -249,4 +270,29 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
             attributor(resid, mid, torch.tensor([1]), detail="summary")
         out["attribution_flops_per_token"] = counter.get_total_flops()
         out["attribution_over_host"] = out["attribution_flops_per_token"] / host
+        out["probe_seconds_per_token"] = probe_seconds_per_token(attributor, L, d)
     return out
+
+
+def probe_seconds_per_token(attributor, L: int, d: int, rows: tuple[int, ...] = (1, 16, 512),
+                            repetitions: int = 3) -> dict[str, float]:
+    """Measured wall time of one Attributor call per row, on one thread as the worker's emitter
+    runs it: 1 row (a decode step of one stream), 16 (a batch-16 step), 512 (a 512-token audit).
+    Best of `repetitions`; inputs are random (the cost does not depend on the values)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for n in rows:
+            resid, mid, tokens = torch.randn(n, L + 1, d), torch.randn(n, L, d), torch.randint(0, 1000, (n,))
+            best = float("inf")
+            for _ in range(repetitions):
+                t0 = time.perf_counter()
+                attributor(resid, mid, tokens, detail="summary")
+                best = min(best, time.perf_counter() - t0)
+            out[str(n)] = best / n
+        return out
+    finally:
+        torch.set_num_threads(threads)

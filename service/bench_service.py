@@ -6,8 +6,10 @@ Phases (logged under the same names):
               ignore_eos so every stream makes exactly max_tokens tokens; tokens/s = all
               tokens / wall time of the batch; TTFT per stream
   3. audit    Audit of logged completions of 64 and 512 tokens, one request at a time:
-              completion tokens per second of wall time, against one Generate stream's
-              tokens per second (the per-token cost of the same attribution, generated live)
+              completion tokens per second of wall time, against Generate making a completion
+              of the same length (one stream, same prompt, ignore_eos, detail SUMMARY: the
+              per-token cost of the same attribution produced live), and against the
+              1-stream figure of phase 2
 """
 
 from __future__ import annotations
@@ -132,15 +134,24 @@ def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Pat
         for n in lengths:
             if len(ids) < n:
                 raise ValueError(f"audit text has {len(ids)} tokens, fewer than {n}")
-            rates = []
-            for _ in range(repetitions):
+            rates, live = [], []
+            for _ in range(repetitions):  # alternate Audit and the same-length Generate
                 t0 = time.perf_counter()
                 resp = client.audit(AUDIT_PROMPT, ids[:n], detail="summary")
                 seconds = time.perf_counter() - t0
-                assert len(resp.tokens) == n and all(t.HasField("attribution") for t in resp.tokens)
+                if len(resp.tokens) != n or not all(t.HasField("attribution") for t in resp.tokens):
+                    raise RuntimeError(f"Audit of {n} tokens returned {len(resp.tokens)} tokens or lacked attribution")
                 rates.append(n / seconds)
+                t0 = time.perf_counter()
+                made = sum(1 for t in client.generate(AUDIT_PROMPT, max_tokens=n, temperature=0.0, ignore_eos=True,
+                                                      detail="summary") if t.HasField("attribution"))
+                seconds = time.perf_counter() - t0
+                if made != n:
+                    raise RuntimeError(f"Generate of {n} tokens returned {made} attributed tokens")
+                live.append(n / seconds)
             out[str(n)] = {"tokens_per_second": statistics.median(rates), "min": min(rates), "max": max(rates),
-                           "repetitions": repetitions}
+                           "repetitions": repetitions, "generate_tokens_per_second": statistics.median(live),
+                           "over_generate_same_length": statistics.median(rates) / statistics.median(live)}
     return out
 
 

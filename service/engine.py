@@ -37,7 +37,12 @@ class EngineConfig:
     dtype: str = field(default="float32", metadata={"help": "model dtype (float32 is fastest on AVX2 CPUs)"})
     max_model_len: int = field(default=2048, metadata={"help": "context length (prompt + generated tokens)"})
     max_num_seqs: int = field(default=32, metadata={"help": "most requests the engine batches in one step"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget of one engine step (prefills are chunked to fit)"})
+    # 256, not vLLM's larger defaults: a long prefill (an Audit replay) then runs in chunks, and the
+    # worker's background emitter attributes chunk c while the engine computes chunk c+1; it also
+    # bounds how long one prefill step stalls the other streams' decoding (~1 s on 2 CPU cores).
+    # Measured, 520-token Audit replay on SmolLM2-135M, engine direct: 3.3-3.4 s at 2048, 2.6 s at
+    # 256, 2.6-2.7 s at 128 (prefill alone: 1.99 / 1.95 / 2.16 s). docs/benchmarks/attribution-cost.md.
+    max_num_batched_tokens: int = field(default=256, metadata={"help": "token budget of one engine step (prefills are chunked to fit)"})
     kv_cache_gib: int = field(default=2, metadata={"help": "CPU KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)"})
     enforce_eager: bool = field(default=False, metadata={"help": "skip torch.compile (faster start, slower steps)"})
     multiprocessing: bool = field(default=True, metadata={"help": "run the engine core in its own process (vLLM default)"})

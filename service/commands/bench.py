@@ -14,7 +14,7 @@ from service.engine import EngineConfig
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure stock vLLM vs capture vs full attribution, side by side")
     p.add_argument("--probe", default=None, help="probe artifact (default: the shipped probe when --model default)")
-    p.add_argument("--batch-sizes", default="1,4,16", help="comma-separated concurrent requests per run")
+    p.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated concurrent requests per run")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--repetitions", type=int, default=3, help="repetitions per (batch, mode), modes alternating")
     p.add_argument("--modes", default="stock,capture,attributed", help="subset of stock,capture,attributed")
@@ -66,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
         report["service"] = bench_service(config.model, probe, [int(n) for n in args.streams.split(",")],
                                           args.max_tokens, [int(n) for n in args.audit_lengths.split(",")],
                                           args.repetitions, BENCH_PROMPTS, serve_args)
+        from service.bench import service_over_engine
+
+        report["service"]["over_engine_direct"] = {
+            n: service_over_engine(report, n) for n in report["service"]["streams"]}
     table = markdown_table(report)
     if args.out:
         Path(args.out).write_text(table + "\n")

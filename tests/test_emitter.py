@@ -1,0 +1,65 @@
+"""The worker's emitter schedule: generation rows before replay pieces, FIFO within each.
+
+No engine: these are the pure scheduling parts of service/vllm_plugin/capture.py, fed with
+hand-built rows. The engine-level behaviour (records joined to tokens) is in test_capture.py.
+"""
+
+import threading
+
+import torch
+
+from service.channel import GEN, REPLAY
+from service.vllm_plugin import capture
+from service.vllm_plugin.capture import (GEN_PRIORITY, REPLAY_PIECE_ROWS, REPLAY_PRIORITY, BackgroundEmitter,
+                                         _Row, split_step)
+
+
+def _rows(kinds: list[str]) -> tuple[list[_Row], torch.Tensor]:
+    rows = [_Row(batch_index=i, rid=f"r{k}", kind=k, index=i, token=i, detail=1, ship_resid=False)
+            for i, k in enumerate(kinds)]
+    tensors = torch.arange(len(kinds), dtype=torch.float32)[:, None, None].expand(-1, 3, 2).clone()
+    return rows, tensors
+
+
+def test_split_step_gen_only_is_one_item_unchanged():
+    rows, tensors = _rows([GEN] * 5)
+    [(priority, part, t)] = split_step(rows, tensors)
+    assert priority == GEN_PRIORITY and part == rows and t is tensors
+
+
+def test_split_step_separates_kinds_and_pieces_replay():
+    n_replay = 2 * REPLAY_PIECE_ROWS + 3
+    kinds = [REPLAY] * 10 + [GEN, GEN] + [REPLAY] * (n_replay - 10)
+    rows, tensors = _rows(kinds)
+    items = split_step(rows, tensors)
+    assert [p for p, _, _ in items] == [GEN_PRIORITY] + [REPLAY_PRIORITY] * 3
+    assert [len(r) for _, r, _ in items] == [2, REPLAY_PIECE_ROWS, REPLAY_PIECE_ROWS, 3]
+    for _, part, t in items:  # every row keeps its own tensor row
+        assert [r.batch_index for r in part] == t[:, 0, 0].long().tolist()
+        assert len({r.kind for r in part}) == 1
+    assert sorted(r.batch_index for _, part, _ in items for r in part) == list(range(len(rows)))
+
+
+def test_emitter_runs_generation_before_queued_replay(monkeypatch):
+    done: list[tuple[int, str]] = []
+    gate, started = threading.Event(), threading.Event()
+
+    def fake_emit(step, rows, tensors):
+        started.set()
+        gate.wait(10)
+        done.append((step, rows[0].kind))
+
+    monkeypatch.setattr(capture, "emit_step", fake_emit)
+    emitter = BackgroundEmitter()
+    rows, tensors = _rows([REPLAY])
+    gen_rows, gen_tensors = _rows([GEN])
+    emitter.submit(1, rows, tensors, REPLAY_PRIORITY)  # taken at once; blocks on the gate
+    assert started.wait(10)
+    emitter.submit(2, rows, tensors, REPLAY_PRIORITY)
+    emitter.submit(3, rows, tensors, REPLAY_PRIORITY)
+    emitter.submit(4, gen_rows, gen_tensors, GEN_PRIORITY)
+    emitter.submit(5, gen_rows, gen_tensors, GEN_PRIORITY)
+    gate.set()
+    emitter._queue.join()
+    assert done[0] == (1, REPLAY)  # already running when the others arrived
+    assert done[1:] == [(4, GEN), (5, GEN), (2, REPLAY), (3, REPLAY)]
