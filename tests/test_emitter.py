@@ -5,6 +5,9 @@ hand-built rows. The engine-level behaviour (records joined to tokens) is in tes
 """
 
 import threading
+import time
+
+import pytest
 
 import torch
 
@@ -44,13 +47,13 @@ def test_emitter_runs_generation_before_queued_replay(monkeypatch):
     done: list[tuple[int, str]] = []
     gate, started = threading.Event(), threading.Event()
 
-    def fake_emit(step, rows, tensors):
+    def fake_build(step, rows, tensors):
         started.set()
         gate.wait(10)
         done.append((step, rows[0].kind))
 
-    monkeypatch.setattr(capture, "emit_step", fake_emit)
-    emitter = BackgroundEmitter()
+    monkeypatch.setattr(capture, "build_message", fake_build)
+    emitter = BackgroundEmitter(idle_helper=False)
     rows, tensors = _rows([REPLAY])
     gen_rows, gen_tensors = _rows([GEN])
     emitter.submit(1, rows, tensors, REPLAY_PRIORITY)  # taken at once; blocks on the gate
@@ -60,6 +63,48 @@ def test_emitter_runs_generation_before_queued_replay(monkeypatch):
     emitter.submit(4, gen_rows, gen_tensors, GEN_PRIORITY)
     emitter.submit(5, gen_rows, gen_tensors, GEN_PRIORITY)
     gate.set()
-    emitter._queue.join()
+    assert emitter.wait_idle(10)
     assert done[0] == (1, REPLAY)  # already running when the others arrived
     assert done[1:] == [(4, GEN), (5, GEN), (2, REPLAY), (3, REPLAY)]
+
+
+@pytest.fixture
+def pinned_to_first_core():
+    """Pin this thread like vLLM pins its worker, so the emitter has another core to move to."""
+    import os
+
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("needs 2 cores")
+    os.sched_setaffinity(0, {min(before)})
+    yield
+    os.sched_setaffinity(0, before)
+
+
+def test_idle_helper_piece_stuck_is_recomputed_and_sent_once(monkeypatch, pinned_to_first_core):
+    sent: list[int] = []
+    helper_took = threading.Event()
+    release_helper = threading.Event()
+
+    def fake_build(step, rows, tensors):
+        if threading.current_thread().name == "alignlens-idle-helper":
+            helper_took.set()
+            release_helper.wait(10)  # a helper starved by a busy engine
+        return {"step": step, "records": rows}
+
+    monkeypatch.setattr(capture, "build_message", fake_build)
+    monkeypatch.setattr(capture, "send_message", lambda message: sent.append(message["step"]))
+    emitter = BackgroundEmitter(idle_helper=True)
+    assert emitter.helper is not None
+    rows, tensors = _rows([REPLAY])
+    emitter.submit(1, rows, tensors, REPLAY_PRIORITY)
+    assert helper_took.wait(10)
+    for step in (2, 3):
+        emitter.submit(step, rows, tensors, REPLAY_PRIORITY)
+    t0 = time.monotonic()
+    while sorted(sent) != [1, 2, 3] and time.monotonic() - t0 < 10:  # the emitter thread steals piece 1
+        time.sleep(0.01)
+    assert sorted(sent) == [1, 2, 3]
+    release_helper.set()  # the helper finishes piece 1 late: not sent a second time
+    assert emitter.wait_idle(10)
+    assert sorted(sent) == [1, 2, 3]

@@ -62,6 +62,7 @@ class CaptureState:
     forward_calls: int = 0
     rows_sent: int = 0
     emitter: "BackgroundEmitter | None" = None
+    step_ended_at: float = 0.0  # time.monotonic() at the end of the last execute_model
 
     def stats(self) -> dict:
         return {
@@ -178,8 +179,8 @@ def split_step(rows: list[_Row], tensors: torch.Tensor) -> list[tuple[int, list[
     return items
 
 
-def emit_step(step: int, rows: list[_Row], tensors: torch.Tensor) -> None:
-    """Run the probe once over the step's rows that asked for it; PUSH one message."""
+def build_message(step: int, rows: list[_Row], tensors: torch.Tensor) -> dict | None:
+    """Run the probe once over the rows that asked for it; the step message (None: nothing to send)."""
     st = STATE
     keep = [i for i, r in enumerate(rows) if r.token is not None and r.token >= 0]
     resid = tensors[:, 0::2]  # [rows, L+1, d]
@@ -208,65 +209,163 @@ def emit_step(step: int, rows: list[_Row], tensors: torch.Tensor) -> None:
             rec["resid"] = resid_cpu[i].numpy().tobytes()
             rec["resid_mid"] = mid_cpu[i].numpy().tobytes()
         records.append(rec)
-    if st.sender is not None and records:
-        st.sender.send({"step": step, "attr_seconds": attr_seconds, "L": mid.shape[1], "d": tensors.shape[-1],
-                        "dtype": str(np.dtype(str(tensors.dtype).removeprefix("torch."))),
-                        "records": records})
-        st.rows_sent += len(records)
+    if not records:
+        return None
+    return {"step": step, "attr_seconds": attr_seconds, "L": mid.shape[1], "d": tensors.shape[-1],
+            "dtype": str(np.dtype(str(tensors.dtype).removeprefix("torch."))), "records": records}
+
+
+def send_message(message: dict | None) -> None:
+    st = STATE
+    if st.sender is not None and message is not None:
+        st.sender.send(message)
+        st.rows_sent += len(message["records"])
+
+
+def emit_step(step: int, rows: list[_Row], tensors: torch.Tensor) -> None:
+    """Inline emission (no background emitter): probe, then PUSH one message."""
+    send_message(build_message(step, rows, tensors))
+
+
+@dataclass(eq=False)
+class _WorkItem:
+    step: int
+    rows: list[_Row]
+    tensors: torch.Tensor
+    taken_at: float = 0.0  # when the idle-core helper took it (0: not taken by the helper)
+    stolen: bool = False  # the emitter thread is computing it too
+    sent: bool = False
+
+
+STEAL_AFTER_S = 0.25  # a helper item older than this is recomputed by the emitter thread when it is idle
+ENGINE_IDLE_S = 0.01  # the helper takes a piece only when no step ran for this long
+
+
+def _engine_idle() -> bool:
+    st = STATE
+    return not st.in_step and time.monotonic() - st.step_ended_at > ENGINE_IDLE_S
 
 
 class BackgroundEmitter:
-    """Runs `emit_step` off the engine's critical path on one thread: generation rows first,
-    then replay pieces, FIFO within each (see split_step).
+    """Runs the probe off the engine's critical path: generation rows first, then replay pieces,
+    FIFO within each (see split_step).
 
-    The rows were copied out of the model's buffers in phase 2, so step t+1 can run while
-    the probe works on step t. On CPU the thread moves itself to the cores the worker is
-    not pinned to (vLLM pins the worker to one core and leaves the other mostly idle).
-    Records then reach the server slightly after their tokens; the server joins by index.
-    For an audit this pipelines the replay: with chunked prefill the probe attributes chunk
-    c while the engine computes chunk c+1.
+    The rows were copied out of the model's buffers in phase 2, so step t+1 can run while the
+    probe works on step t. Records reach the server slightly after their tokens; it joins by index.
+
+    Threads (CPU; vLLM pins the worker to its cores and leaves the others mostly idle):
+    - the emitter thread moves to the cores the worker is not pinned to and takes every item;
+    - the idle-core helper sits on the worker's own cores at SCHED_IDLE priority (Linux runs
+      it only when those cores have nothing else to do: the engine's steps are not slowed) and
+      takes replay pieces only. When the engine is idle, e.g. after an Audit's last prefill
+      chunk, the two threads split the remaining pieces. A piece the helper holds while the
+      engine keeps its core busy would wait; once the emitter thread is idle it recomputes any
+      helper piece older than STEAL_AFTER_S, and whichever finishes first sends it.
+    For an Audit this pipelines the replay: with chunked prefill the probe attributes chunk c
+    while the engine computes chunk c+1, and both cores finish the last chunk.
     """
 
-    def __init__(self):
-        import itertools
+    def __init__(self, idle_helper: bool = True):
+        import collections
         import os
-        import queue
         import threading
 
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
-        self._order = itertools.count()  # FIFO among equal priorities; never compares payloads
+        self._gen: collections.deque[_WorkItem] = collections.deque()
+        self._replay: collections.deque[_WorkItem] = collections.deque()
+        self._helper_items: list[_WorkItem] = []
+        self._cv = threading.Condition()
+        self._send_lock = threading.Lock()  # one sender socket, two threads; first finisher sends
+        self._busy = 0
         worker_cpus = os.sched_getaffinity(0)
         self._cpus = set(range(os.cpu_count() or 1)) - worker_cpus
-        self._thread = threading.Thread(target=self._run, name="alignlens-emitter", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(False, self._cpus), name="alignlens-emitter",
+                                        daemon=True)
         self._thread.start()
+        self.helper = None
+        if idle_helper and self._cpus and hasattr(os, "SCHED_IDLE"):
+            self.helper = threading.Thread(target=self._run, args=(True, worker_cpus), name="alignlens-idle-helper",
+                                           daemon=True)
+            self.helper.start()
 
-    def _run(self) -> None:
+    def _run(self, helper: bool, cpus: set[int]) -> None:
         import os
 
-        if self._cpus:
+        if cpus:
             try:
-                os.sched_setaffinity(0, self._cpus)  # this thread only
+                os.sched_setaffinity(0, cpus)  # this thread only
+                if helper:
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             except OSError as exc:
-                log.warning("emitter could not move to cores %s: %s", sorted(self._cpus), exc)
+                log.warning("alignlens %s could not move to cores %s: %s", "idle helper" if helper else "emitter",
+                            sorted(cpus), exc)
+                if helper:
+                    return  # a helper at normal priority would slow the engine's own steps
         torch.set_num_threads(1)
         while True:
-            _priority, _order, step, rows, tensors = self._queue.get()
+            item = self._take(helper)
             try:
-                emit_step(step, rows, tensors)
+                message = build_message(item.step, item.rows, item.tensors)
+                with self._send_lock:
+                    if not item.sent:
+                        item.sent = True
+                        send_message(message)
             except Exception:  # a failed step must not stop later steps' records
-                log.exception("alignlens: attribution of step %d failed", step)
+                log.exception("alignlens: attribution of step %d failed", item.step)
             finally:
-                self._queue.task_done()
+                with self._cv:
+                    self._busy -= 1
+                    if helper:
+                        self._helper_items.remove(item)
+                    self._cv.notify_all()
+
+    def _take(self, helper: bool) -> _WorkItem:
+        with self._cv:
+            while True:
+                if not helper and self._gen:
+                    item = self._gen.popleft()
+                elif self._replay and (not helper or _engine_idle()):
+                    item = self._replay.popleft()
+                    if helper:
+                        item.taken_at = time.monotonic()
+                        self._helper_items.append(item)
+                elif not helper and (item := self._stuck_helper_item()) is not None:
+                    item.stolen = True
+                else:
+                    self._cv.wait(timeout=ENGINE_IDLE_S if helper else STEAL_AFTER_S / 2)
+                    continue
+                self._busy += 1
+                return item
+
+    def _stuck_helper_item(self) -> _WorkItem | None:
+        now = time.monotonic()
+        for item in self._helper_items:
+            if not item.stolen and not item.sent and now - item.taken_at > STEAL_AFTER_S:
+                return item
+        return None
 
     def submit(self, step: int, rows: list[_Row], tensors: torch.Tensor, priority: int = GEN_PRIORITY) -> None:
-        self._queue.put((priority, next(self._order), step, rows, tensors))
+        with self._cv:
+            (self._gen if priority == GEN_PRIORITY else self._replay).append(_WorkItem(step, rows, tensors))
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Block until nothing is queued or running (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._gen or self._replay or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(timeout=left)
+            return True
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._gen) + len(self._replay)
 
 
-def attach(runner, sender: CaptureSender | None, attributor=None, background: bool = True) -> None:
+def attach(runner, sender: CaptureSender | None, attributor=None, background: bool = True,
+           idle_helper: bool = True) -> None:
     """Wrap the runner's step phases (instance attributes; the class is untouched)."""
     st = STATE
     if st.runner is not runner:
@@ -283,6 +382,7 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
                 return execute(scheduler_output, *args, **kwargs)
             finally:
                 st.in_step = False
+                st.step_ended_at = time.monotonic()
 
         def _sample(*args, **kwargs):
             out = sample(*args, **kwargs)
@@ -295,6 +395,6 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
         st.sender.close()
     st.runner, st.sender, st.attributor = runner, sender, attributor
     if background and st.emitter is None:
-        st.emitter = BackgroundEmitter()
+        st.emitter = BackgroundEmitter(idle_helper=idle_helper)
     elif not background:
         st.emitter = None

@@ -36,9 +36,11 @@ class AlignlensWorkerExtension:
 
             attributor = Attributor.load(probe_path, checkpoint_dir).to(runner.device)
         sender = CaptureSender(address) if rank == 0 else None
-        # Attribution off the critical path unless ALIGNLENS_BACKGROUND_ATTRIBUTION=0 (bench, debugging).
+        # Attribution off the critical path unless ALIGNLENS_BACKGROUND_ATTRIBUTION=0 (bench, debugging);
+        # the idle-core helper (CPU only) unless ALIGNLENS_IDLE_HELPER=0. See capture.BackgroundEmitter.
         background = os.environ.get("ALIGNLENS_BACKGROUND_ATTRIBUTION", "1") != "0"
-        capture.attach(runner, sender, attributor, background=background)
+        idle_helper = runner.device.type == "cpu" and os.environ.get("ALIGNLENS_IDLE_HELPER", "1") != "0"
+        capture.attach(runner, sender, attributor, background=background, idle_helper=idle_helper)
         return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None}
 
     def alignlens_stats(self) -> dict:
