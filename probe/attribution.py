@@ -16,7 +16,8 @@ over the N decisions of a step (no Python loop over tokens in the math):
 
 Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
 output gradient on every basis 1.7M + probe ~19M (see probe.model) = ~51M, about 38% of the host's
-own forward (134M); detail="full" adds ~2M for the head's backward. The host logits dominate; an engine that hands over its own logits could skip them.
+own forward (134M); detail="full" adds ~2M for the head's backward. The host logits dominate; the engine hands over its own logits for generated tokens
+(`logits=`), so only replayed (audit) rows pay for them.
 """
 
 from __future__ import annotations
@@ -78,17 +79,20 @@ class Attributor:
 
     # ---- batched math -------------------------------------------------------------------------
     @torch.no_grad()
-    def compute(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor) -> dict[str, Tensor]:
+    def compute(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor,
+                logits: Tensor | None = None) -> dict[str, Tensor]:
         """`compute_chunk` over row chunks of CHUNK_ROWS, concatenated (same keys and shapes)."""
         n = token_ids.shape[0]
         if n <= CHUNK_ROWS:
-            return self.compute_chunk(resid, resid_mid, token_ids)
-        parts = [self.compute_chunk(resid[s:s + CHUNK_ROWS], resid_mid[s:s + CHUNK_ROWS], token_ids[s:s + CHUNK_ROWS])
+            return self.compute_chunk(resid, resid_mid, token_ids, logits)
+        parts = [self.compute_chunk(resid[s:s + CHUNK_ROWS], resid_mid[s:s + CHUNK_ROWS], token_ids[s:s + CHUNK_ROWS],
+                                    None if logits is None else logits[s:s + CHUNK_ROWS])
                  for s in range(0, n, CHUNK_ROWS)]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     @torch.no_grad()
-    def compute_chunk(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor) -> dict[str, Tensor]:
+    def compute_chunk(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor,
+                      logits: Tensor | None = None) -> dict[str, Tensor]:
         """All per-token quantities as tensors (N tokens, L blocks, C = K+1 candidates):
         alpha [N,L,3,k], host_logprob [N], host_top1 [N], cand_ids [N,C], cand_valid [N,C],
         logp_y [N,L+1], top1 [N,L+1] bool, layer_gain [N,L+1], layer_importance [N,L+1],
@@ -98,7 +102,7 @@ class Attributor:
         resid = resid.float()
         token_ids = token_ids.long()
         alpha = alignment_features(h, self.proj, resid, resid_mid)
-        logits = h.logits(resid[:, -1])  # [N, V]
+        logits = h.logits(resid[:, -1]) if logits is None else logits.float()  # [N, V]
         host_logprob = logits.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         top_logits, top_ids = logits.topk(K, dim=-1)
         cand_ids, valid = candidate_set(top_ids, token_ids, K)
@@ -151,19 +155,28 @@ class Attributor:
         return top, scores[torch.arange(N), top]
 
     # ---- records ------------------------------------------------------------------------------
-    def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor,
-                 detail: str = "summary") -> list[TokenAttribution]:
+    def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor, detail: str = "summary",
+                 logits: Tensor | None = None) -> list[TokenAttribution]:
         """TokenAttribution for each of the N decisions: resid [N, L+1, d], resid_mid [N, L, d],
-        token_ids [N] (the emitted tokens). detail="full" adds top_directions."""
+        token_ids [N] (the emitted tokens). detail="full" adds top_directions.
+
+        logits [N, V]: the host's own final logits for these rows when the engine already computed
+        them (the sampler's input, before temperature or penalties); the probe then skips its own
+        unembedding pass, the largest part of its cost (V*d multiply-adds and all of W_U read per call).
+        """
         if detail not in DETAILS:
             raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
         if resid.shape[0] != token_ids.shape[0] or resid_mid.shape[0] != token_ids.shape[0]:
             raise ValueError(f"resid {tuple(resid.shape)}, resid_mid {tuple(resid_mid.shape)} and token_ids "
                              f"{tuple(token_ids.shape)} must have the same number of rows")
+        V = self.host.W_U.shape[0]
+        if logits is not None and tuple(logits.shape) != (token_ids.shape[0], V):
+            raise ValueError(f"logits must be [{token_ids.shape[0]}, {V}] (rows, host vocabulary), "
+                             f"got {tuple(logits.shape)}")
         N = token_ids.shape[0]
         if N == 0:
             return []
-        out = self.compute(resid, resid_mid, token_ids)
+        out = self.compute(resid, resid_mid, token_ids, logits)
         directions: list[list[Direction]] = [[] for _ in range(N)]
         if detail == "full":
             top, scores = self.direction_scores(out)

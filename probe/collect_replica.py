@@ -88,31 +88,47 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
     basis [L, 3, k, d] (probe.svd), attn_out_bias [L, d]. Resumable: prompts already in an existing
     labels file are skipped; the file is rewritten every `save_every` prompts.
     """
-    out = labels_path(trace_path)
-    done: dict[str, Tensor] = {}
-    if out.is_file():
-        from safetensors.torch import load_file
-        done = load_file(str(out))
+    labels = _LabelFile(labels_path(trace_path), trace_path, save_every)
     ablator = FastAblator(model, basis, attn_out_bias)
     gen = torch.Generator().manual_seed(seed)
-    todo = prompt_indices(trace_path)
-    pending = 0
-    for i in tqdm(todo, desc="ablation labels", disable=not progress):
+    for i in tqdm(prompt_indices(trace_path), desc="ablation labels", disable=not progress):
         rec = read_prompt(trace_path, i)
         T = rec["token_ids"].shape[0]
         rows = torch.randperm(T, generator=gen)[:rows_per_prompt].sort().values  # drawn even if skipped
-        if f"{i}.rows" in done:
+        if f"{i}.rows" in labels:
             continue
         P = rec["prompt_token_ids"].shape[0]
         seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
         base, drop = ablator.drops(seq, P - 1 + rows, rec["token_ids"][rows])
-        done.update({f"{i}.rows": rows, f"{i}.drop": drop.float(), f"{i}.base_logprob": base.float()})
-        pending += 1
-        if pending >= save_every:
-            save_file(done, str(out), metadata={"trace": Path(trace_path).name})
-            pending = 0
-    save_file(done, str(out), metadata={"trace": Path(trace_path).name})
-    return out
+        labels.add({f"{i}.rows": rows, f"{i}.drop": drop.float(), f"{i}.base_logprob": base.float()})
+    return labels.save()
+
+
+class _LabelFile:
+    """A resumable per-prompt labels file: entries already on disk are loaded, `add` rewrites the
+    file every `save_every` prompts, `save` writes it and returns its path."""
+
+    def __init__(self, path: Path, trace_path: str | Path, save_every: int):
+        self.path, self.save_every, self.pending = path, save_every, 0
+        self.metadata = {"trace": Path(trace_path).name}
+        self.entries: dict[str, Tensor] = {}
+        if path.is_file():
+            from safetensors.torch import load_file
+            self.entries = load_file(str(path))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def add(self, entries: dict[str, Tensor]) -> None:
+        self.entries.update(entries)
+        self.pending += 1
+        if self.pending >= self.save_every:
+            self.save()
+
+    def save(self) -> Path:
+        save_file(self.entries, str(self.path), metadata=self.metadata)
+        self.pending = 0
+        return self.path
 
 
 def label_gradients(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_path: str | Path,
@@ -121,15 +137,10 @@ def label_gradients(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trac
     at the decision position, projected on its basis (gamma [T, L, 3, k], probe.fast_ablation
     .FastAblator.linearized), written to <trace>.gradients.safetensors. One backward pass per chunk
     of `max_rows` rows of a sequence, ~20x cheaper per row than the ablations. Resumable."""
-    out = gradients_path(trace_path)
-    done: dict[str, Tensor] = {}
-    if out.is_file():
-        from safetensors.torch import load_file
-        done = load_file(str(out))
+    labels = _LabelFile(gradients_path(trace_path), trace_path, save_every)
     ablator = FastAblator(model, basis, attn_out_bias)
-    pending = 0
     for i in tqdm(prompt_indices(trace_path), desc="gradient labels", disable=not progress):
-        if f"{i}.gamma" in done:
+        if f"{i}.gamma" in labels:
             continue
         rec = read_prompt(trace_path, i)
         P, T = rec["prompt_token_ids"].shape[0], rec["token_ids"].shape[0]
@@ -138,10 +149,5 @@ def label_gradients(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trac
         for s in range(0, T, max_rows):
             rows = torch.arange(s, min(T, s + max_rows))
             parts.append(ablator.linearized(seq, P - 1 + rows, rec["token_ids"][rows])[1])
-        done[f"{i}.gamma"] = torch.cat(parts).float().contiguous()
-        pending += 1
-        if pending >= save_every:
-            save_file(done, str(out), metadata={"trace": Path(trace_path).name})
-            pending = 0
-    save_file(done, str(out), metadata={"trace": Path(trace_path).name})
-    return out
+        labels.add({f"{i}.gamma": torch.cat(parts).float().contiguous()})
+    return labels.save()

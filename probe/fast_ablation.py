@@ -22,21 +22,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from probe.replica import decoder_layers
+from probe.ablation import DecisionAblator
 
 
-class FastAblator:
-    """Batched decision-position ablations (see module docstring); same interface as DecisionAblator.
+class FastAblator(DecisionAblator):
+    """Batched decision-position ablations (see module docstring); DecisionAblator's interface and
+    set-up, with `drops` re-implemented on cached keys/values, and `linearized`.
 
     basis [L, 3, k, d] orthonormal rows (probe.svd), attn_out_bias [L, d].
     """
 
     def __init__(self, model: nn.Module, basis: Tensor, attn_out_bias: Tensor, max_rows: int = 1024):
-        self.model = model.eval()
-        self.layers, self.arch = decoder_layers(model)
-        self.basis = basis.float()
-        self.bias = attn_out_bias.float()
-        self.L = len(self.layers)
+        super().__init__(model, basis, attn_out_bias)
         self.max_rows = max_rows
         cfg = model.config
         if self.arch == "llama":

@@ -286,7 +286,8 @@ def probe_seconds_per_token(attributor, L: int, d: int, rows: tuple[int, ...] = 
     try:
         out = {}
         for n in rows:
-            resid, mid, tokens = torch.randn(n, L + 1, d), torch.randn(n, L, d), torch.randint(0, 1000, (n,))
+            resid, mid = torch.randn(n, L + 1, d), torch.randn(n, L, d)
+            tokens = torch.randint(0, attributor.host.W_U.shape[0], (n,))
             best = float("inf")
             for _ in range(repetitions):
                 t0 = time.perf_counter()

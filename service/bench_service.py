@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
+
+from service.serve_process import ServeProcess
 
 log = logging.getLogger(__name__)
 
@@ -35,56 +34,6 @@ AUDIT_TEXT = (
     "the authorities who wished to stop them. Scientists could check each other's tables, and "
     "merchants could rely on printed rates and maps. "
 ) * 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`alignlens serve` on loopback for the duration of a `with` block."""
-
-    def __init__(self, model: str, probe: str | None, extra: list[str] | None = None, log_path: Path | None = None):
-        self.port, self.metrics_port = _free_port(), _free_port()
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), *(extra or [])]
-        if probe:
-            cmd += ["--probe", probe]
-        self.cmd = cmd
-        self.log_path = log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"alignlens-bench-{self.port}.log"
-
-    def __enter__(self) -> "ServerProcess":
-        from service.client import AttributionClient
-
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        t0 = time.perf_counter()
-        with AttributionClient(f"127.0.0.1:{self.port}") as c:
-            while c.health() != "SERVING":
-                if self.proc.poll() is not None:
-                    self._log.close()
-                    tail = self.log_path.read_text()[-3000:]
-                    raise RuntimeError(f"alignlens serve exited with {self.proc.returncode}:\n{tail}")
-                if time.perf_counter() - t0 > 900:
-                    raise TimeoutError(f"alignlens serve not SERVING after 900 s (log {self.log_path})")
-                time.sleep(0.5)
-        self.start_seconds = time.perf_counter() - t0
-        log.info("serve: SERVING after %.1f s (log %s)", self.start_seconds, self.log_path)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
 
 
 def run_streams(target: str, n: int, max_tokens: int, prompts: list[str]) -> dict:
@@ -160,7 +109,10 @@ def bench_service(model: str, probe: str | None, streams: list[int], max_tokens:
     from service.modelstore import resolve_model
 
     model_path = resolve_model(model)
-    with ServerProcess(str(model_path), probe, serve_args) as server:
+    args = ["--model", str(model_path), *(serve_args or []), *(["--probe", probe] if probe else [])]
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"alignlens-bench-serve-{os.getpid()}.log"
+    with ServeProcess(args, log_path) as server:
+        log.info("serve: SERVING after %.1f s (log %s)", server.start_seconds, log_path)
         run_streams(server.target, 2, 8, prompts)  # warm-up
         stream_results = {}
         for n in streams:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -19,16 +18,12 @@ from pathlib import Path
 
 import yaml
 
+from service.serve_process import free_port
+
 
 class PromQLError(RuntimeError):
     """Prometheus answered a query with an error (bad_data for a parse error)."""
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusServer:

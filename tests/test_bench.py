@@ -31,5 +31,12 @@ def test_bench_json_contract(tiny_llama, tmp_path):
     assert report["cost_model"]["attribution_flops_per_token"] > 0
     assert report["peak_rss_bytes"]["stock"] > 0 and report["peak_rss_bytes"]["capture"] > 0
     assert report["service"]["streams"]["2"]["tokens_per_second"] > 0
-    assert report["service"]["audit"]["16"]["tokens_per_second"] > 0
+    audit = report["service"]["audit"]["16"]
+    assert audit["tokens_per_second"] > 0 and audit["generate_tokens_per_second"] > 0
+    assert audit["over_generate_same_length"] == pytest.approx(
+        audit["tokens_per_second"] / audit["generate_tokens_per_second"])
+    # streams 1 and batch 1 were both measured: the service/engine-direct ratio is reported
+    assert report["service"]["over_engine_direct"]["1"] > 0 and report["service"]["over_engine_direct"]["2"] is None
+    assert set(report["cost_model"]["probe_seconds_per_token"]) == {"1", "16", "512"}
+    assert all(v > 0 for v in report["cost_model"]["probe_seconds_per_token"].values())
     assert "| 4 | attributed |" in md.read_text()

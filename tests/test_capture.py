@@ -124,3 +124,43 @@ def test_default_model_trace_matches_transformers(default_model, tmp_path):
     for i in range(len(PROMPTS)):
         check_rows(model, t[f"{i}.prompt_token_ids"], t[f"{i}.token_ids"], t[f"{i}.resid"], t[f"{i}.resid_mid"])
         assert torch.equal(greedy_from_final(model, t[f"{i}.resid"]), t[f"{i}.token_ids"])
+
+
+ENGINE_LOGITS_SCRIPT = r"""
+import json, sys
+from vllm import SamplingParams
+from service.engine import EngineConfig, InprocCaptureEngine
+from transformers import AutoTokenizer
+
+model, probe = sys.argv[1], sys.argv[2]
+if __name__ == "__main__":
+    engine = InprocCaptureEngine(EngineConfig(model=model, max_model_len=256, enforce_eager=True), probe_path=probe)
+    ids = AutoTokenizer.from_pretrained(model)("The capital of France is")["input_ids"]
+    # temperature 0.8: the sampler divides its input in place; the probe must get the logits from before
+    params = SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
+    [(out, records)] = engine.generate_captured([ids], [params], detail=1)
+    print(json.dumps({"prompt": ids, "tokens": list(out.outputs[0].token_ids),
+                      "host_logprob": [rec["attr"]["host_logprob"] for _msg, rec in records],
+                      "stats": engine.stats()}))
+    engine.shutdown()
+"""
+
+
+def test_generated_tokens_are_attributed_from_the_engines_logits(tiny_llama, tmp_path):
+    """The worker hands vLLM's own logits (copied before sampling) to the probe for generated
+    tokens: every such row used them, and host_logprob equals the replica's log-softmax."""
+    from tiny_models import make_probe_artifact
+
+    probe = make_probe_artifact(tiny_llama, tmp_path / "probe.safetensors")
+    proc = subprocess.run([sys.executable, "-c", ENGINE_LOGITS_SCRIPT, str(tiny_llama), str(probe)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["stats"]["engine_logits_rows"] == 8 == len(got["host_logprob"])
+    model = load_replica(tiny_llama)
+    seq = torch.tensor(got["prompt"] + got["tokens"])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq[None]).logits[0].float(), -1)
+    P = len(got["prompt"])
+    want = logp[P - 1:-1].gather(1, seq[P:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(got["host_logprob"]), want, rtol=1e-4, atol=1e-4)

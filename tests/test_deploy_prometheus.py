@@ -12,16 +12,16 @@ counters, the 0 -> 1 engine-health transition, the recording rules, and that no 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from prometheus_harness import PrometheusServer, free_port
-from test_deploy import METRICS, REPO, RULE_FILES
+from prometheus_harness import PrometheusServer
+from test_deploy import METRICS, RULE_FILES
 from tiny_models import make_probe_artifact
+
+from service.serve_process import ServeProcess, ServeProcessError
 
 pytestmark = pytest.mark.slow
 
@@ -42,26 +42,6 @@ def _require_server() -> None:
     except ModuleNotFoundError as exc:
         pytest.skip(f"`alignlens serve` cannot be imported yet: module {exc.name} is missing")
     pytest.importorskip("vllm", reason="vLLM is not installed")
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, log: Path) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                pytest.fail(f"alignlens serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    pytest.fail(f"not SERVING after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
 
 
 def _traffic(address: str) -> dict:
@@ -105,57 +85,53 @@ def _bubblewrap() -> str | None:
     return None
 
 
-def _like_the_image(cmd: list[str], tmp_path: Path, read_only: list[Path]) -> tuple[list[str], dict, bool]:
-    """(command, environment, sandboxed): the server as the CPU image and Deployment run it, as far
-    as this machine allows. With bubblewrap: the image's ENV; the root file system read-only with
-    tmpfs only where the Deployment mounts emptyDirs (/tmp, /var/cache), so any write elsewhere
+def _like_the_image(tmp_path: Path, read_only: list[Path]) -> tuple[list[str], dict, bool]:
+    """(command prefix, environment, sandboxed): the server as the CPU image and Deployment run it,
+    as far as this machine allows. With bubblewrap: the image's ENV; the root file system read-only
+    with tmpfs only where the Deployment mounts emptyDirs (/tmp, /var/cache), so any write elsewhere
     fails the start; HOME read-only; uid/gid 10001 in a user namespace (mapped to the test's own
-    user outside, so this shows no need for uid 0 inside, not real isolation). Without it: the same
-    flags with scratch folders under tmp_path."""
+    user outside, so this shows no need for uid 0 inside, not real isolation). Without it: no
+    prefix, the same flags with scratch folders under tmp_path."""
     from test_deploy import _image_env
 
     env = dict(os.environ, ALIGNLENS_METRICS_HOST="127.0.0.1", PYTHONDONTWRITEBYTECODE="1")
     bwrap = _bubblewrap()
     if bwrap is None:
         env.update(ALIGNLENS_HOME=str(tmp_path / "home"), ALIGNLENS_RUNTIME_DIR=str(tmp_path / "runtime"))
-        return cmd, env, False
+        return [], env, False
     env.update(_image_env("cpu"), HOME="/root")
-    wrap = [bwrap, "--unshare-user", "--uid", "10001", "--gid", "10001", "--die-with-parent",
-            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/cache"]
+    prefix = [bwrap, "--unshare-user", "--uid", "10001", "--gid", "10001", "--die-with-parent",
+              "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/cache"]
     for path in read_only:  # test inputs that live under the host's /tmp
-        wrap += ["--ro-bind", str(path), str(path)]
-    return [*wrap, "--", *cmd], env, True
+        prefix += ["--ro-bind", str(path), str(path)]
+    return [*prefix, "--"], env, True
 
 
 def test_prometheus_scrapes_a_serving_alignlens(tiny_llama, tmp_path):
     _require_server()
-    grpc_port, metrics_port = free_port(), free_port()
     probe_path = make_probe_artifact(tiny_llama, tmp_path / "probe" / "tiny.safetensors")
-    log = tmp_path / "serve.log"
-    serve = [sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe", str(probe_path),
-             "--host", "127.0.0.1", "--port", str(grpc_port), "--metrics-port", str(metrics_port),
-             "--max-queue", str(MAX_QUEUE), "--kv-cache-gib", "1", "--enforce-eager", "--max-model-len", "256"]
-    cmd, env, sandboxed = _like_the_image(serve, tmp_path, [tiny_llama, probe_path.parent])
-    target = {"targets": [f"127.0.0.1:{metrics_port}"]}
+    prefix, env, sandboxed = _like_the_image(tmp_path, [tiny_llama, probe_path.parent])
+    server = ServeProcess(["--model", str(tiny_llama), "--probe", str(probe_path), "--max-queue", str(MAX_QUEUE),
+                           "--kv-cache-gib", "1", "--enforce-eager", "--max-model-len", "256"],
+                          tmp_path / "serve.log", env=env, wrap=lambda cmd: [*prefix, *cmd])
+    target = {"targets": [f"127.0.0.1:{server.metrics_port}"]}
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
               "scrape_configs": [{"job_name": "alignlens", "static_configs": [target]}]}
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-        try:
-            with PrometheusServer(tmp_path / "prometheus", config, RULE_FILES) as prom:
-                address = f"127.0.0.1:{grpc_port}"
-                _wait_serving(address, proc, log)
-                seen = _traffic(address)
-                _check_series(prom, seen)
-            # bwrap does not forward signals: send SIGTERM to the server itself, its only child.
-            server_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0]) \
-                if sandboxed else proc.pid
-            os.kill(server_pid, signal.SIGTERM)
-            assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    server.start()
+    try:
+        with PrometheusServer(tmp_path / "prometheus", config, RULE_FILES) as prom:
+            try:
+                server.wait_serving(START_TIMEOUT_S)
+            except ServeProcessError as exc:
+                pytest.fail(str(exc))
+            seen = _traffic(server.target)
+            _check_series(prom, seen)
+        # bwrap does not forward signals: send SIGTERM to the server itself, its only child.
+        pid = server.proc.pid
+        server_pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0]) if sandboxed else pid
+        assert server.stop(pid=server_pid) == 0, server.log_tail(80)
+    finally:
+        server.stop(grace_s=5)
     print(f"server ran {'read-only, as uid 10001, with the image ENV (bubblewrap)' if sandboxed else 'unsandboxed'}")
 
 

@@ -137,3 +137,24 @@ def test_attributor_records(tiny_setup, tmp_path, detail):
     assert abs(sum(r.layer_gain) - (torch.log(torch.tensor(r.probe_prob)).item() + torch.log(
         torch.tensor(float(len(set(cap["token_ids"][:1].tolist()) | set(logits[0].topk(8).indices.tolist())))))
         .item())) < 1e-3
+
+
+def test_attributor_with_engine_logits_matches_its_own(tiny_setup, tmp_path):
+    """Handing over the host logits (what the worker does for generated tokens) changes nothing."""
+    model, host, fac, train_ds, test_ds, _ = tiny_setup
+    probe = ProbeModel(_cfg(host)).eval()
+    path = save_artifact(tmp_path / "p.safetensors", probe, {"host_fingerprint": host_fingerprint(host), "k": K})
+    model.save_pretrained(tmp_path / "host")
+    att = Attributor.load(path, tmp_path / "host")
+    cap = capture(model, [5, 6, 7], [8, 9, 10, 11, 12, 13, 14])
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])).logits[0, 2:]  # rows deciding 8..14
+    own = att(cap["resid"], cap["resid_mid"], cap["token_ids"])
+    handed = att(cap["resid"], cap["resid_mid"], cap["token_ids"], logits=logits)
+    for a, b in zip(own, handed):
+        assert a.crystallization_layer == b.crystallization_layer and a.probe_top1 == b.probe_top1
+        assert b.host_logprob == pytest.approx(a.host_logprob, abs=1e-4)
+        torch.testing.assert_close(torch.tensor(b.family_attribution), torch.tensor(a.family_attribution),
+                                   rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match=r"logits must be \[7, "):
+        att(cap["resid"], cap["resid_mid"], cap["token_ids"], logits=logits[:, :-1])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,55 +25,37 @@ from tiny_models import make_probe_artifact
 
 from service.client import AttributionClient, field_violations, pb2
 from service.messages import token_to_dict
+from service.serve_process import REPO, ServeProcess, ServeProcessError, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_MODEL_LEN = 512
 SLOTS, MAX_QUEUE = 8, 2
 PROMPTS = ["The capital of France is", "def add(a, b):", "1, 2, 3, 4, 5,", "Question: what is two plus two?",
            "Lists: apples, pears,", "The quick brown fox", "return a + b", "Answer: four."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`alignlens serve` as a child process, with a client and a /metrics reader."""
+class ServerProcess(ServeProcess):
+    """service.serve_process.ServeProcess with this module's limits, a client and a /metrics reader."""
 
     def __init__(self, model: Path, log_path: Path, *extra: str):
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
-               "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(SLOTS), "--max-queue", str(MAX_QUEUE),
-               "--health-poll-seconds", "0.2", "--grace-period-seconds", "30", *extra]
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT)
-        self.client = AttributionClient(f"127.0.0.1:{self.port}", timeout_s=120)
+        super().__init__(["--model", str(model), "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(SLOTS),
+                          "--max-queue", str(MAX_QUEUE), "--health-poll-seconds", "0.2",
+                          "--grace-period-seconds", "30", *extra], log_path)
+        self.start()
+        self.client = AttributionClient(self.target, timeout_s=120)
         self.statuses_while_starting: set[str] = set()
 
-    def wait_ready(self, timeout_s: float = 400) -> "ServerProcess":
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            status = self.client.health(timeout_s=2.0)
-            if status == "SERVING":
-                return self
-            self.statuses_while_starting.add(status)
-            time.sleep(0.5)
-        pytest.fail(f"server not SERVING after {timeout_s} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+    def wait_ready(self, timeout_s: float = 400) -> ServerProcess:
+        try:
+            self.wait_serving(timeout_s, on_status=self.statuses_while_starting.add)
+        except ServeProcessError as exc:
+            pytest.fail(str(exc))
+        return self
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """{(sample name, sorted label items): value} scraped from /metrics."""
         import urllib.request
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for fam in text_string_to_metric_families(text) for s in fam.samples}
 
@@ -86,14 +67,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        super().stop()
 
 
 @pytest.fixture(scope="module")
@@ -413,7 +387,7 @@ def test_metrics_parse_with_the_right_names(server):
 def test_probe_for_another_model_stops_startup(tiny_llama, tmp_path):
     fake = make_probe_artifact(tiny_llama, tmp_path / "other.safetensors", fingerprint="0" * 64)
     out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe",
-                          str(fake), "--port", str(_free_port()), "--metrics-port", str(_free_port())],
+                          str(fake), "--port", str(free_port()), "--metrics-port", str(free_port())],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert "fingerprint 0000000000000000..." in out.stderr and "cannot start" in out.stderr
