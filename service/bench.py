@@ -195,13 +195,16 @@ def markdown_table(report: dict) -> str:
     cost = report.get("cost_model")
     if cost and "attribution_flops_per_token" in cost:
         lines += ["", f"Cost model: host {cost['host_flops_per_token'] / 1e6:.0f} MFLOP/token "
-                      f"(context {cost['context_tokens']}), features + probe "
-                      f"{cost['attribution_flops_per_token'] / 1e6:.0f} MFLOP/token = "
-                      f"{cost['attribution_over_host']:.2f} of the host."]
+                      f"(context {cost['context_tokens']}); features + probe "
+                      f"{cost['attribution_flops_per_token'] / 1e6:.0f} MFLOP per generated token "
+                      f"(engine logits reused) = {cost['attribution_over_host']:.2f} of the host, "
+                      f"{cost['attribution_flops_per_audit_token'] / 1e6:.0f} MFLOP per audited token "
+                      f"(own logits) = {cost['audit_attribution_over_host']:.2f}."]
         per_token = cost.get("probe_seconds_per_token")
         if per_token:
             lines += ["", "Probe wall time on one thread (the emitter's), per token: " + ", ".join(
-                f"{n} rows per call {s * 1e3:.2f} ms" for n, s in per_token.items()) + "."]
+                f"{n} rows per call {s * 1e3:.2f} ms" for n, s in per_token.items())
+                + " (1 and 16 rows: generated tokens, engine logits reused; 512: an audit)."]
     service = report.get("service")
     if service:
         lines += ["", "| through the server | tokens/s (median) | spread | TTFT p50 ms |", "|---|---:|---|---:|"]
@@ -235,12 +238,14 @@ def service_over_engine(report: dict, streams: str) -> float | None:
 
 
 def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 128) -> dict:
-    """FLOPs per generated token: host (analytic) vs features + probe (counted).
+    """FLOPs per token: host (analytic) vs features + probe (counted).
 
     Host: 2 FLOPs per weight of every matrix a decode step multiplies (blocks + unembedding)
     plus attention over `context_tokens` cached positions (4 * L * context * d). Attribution:
     torch's FlopCounterMode over one Attributor call on one token (summary detail), which
-    counts the matrix products of alignment features, probe trunk, heads and readout.
+    counts the matrix products of alignment features, probe trunk, heads and readout; for a
+    generated token the engine hands over its logits (`attribution_flops_per_token`), for an
+    audited (replayed) token the probe computes them itself (`..._per_audit_token`).
     """
     import torch
     from safetensors import safe_open
@@ -266,10 +271,13 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
 
         attributor = Attributor.load(probe_path, model_path)
         resid, mid = torch.randn(1, L + 1, d), torch.randn(1, L, d)
-        with FlopCounterMode(display=False) as counter:
-            attributor(resid, mid, torch.tensor([1]), detail="summary")
-        out["attribution_flops_per_token"] = counter.get_total_flops()
+        for key, logits in (("attribution_flops_per_token", attributor.host.logits(resid[:, -1])),
+                            ("attribution_flops_per_audit_token", None)):
+            with FlopCounterMode(display=False) as counter:
+                attributor(resid, mid, torch.tensor([1]), detail="summary", logits=logits)
+            out[key] = counter.get_total_flops()
         out["attribution_over_host"] = out["attribution_flops_per_token"] / host
+        out["audit_attribution_over_host"] = out["attribution_flops_per_audit_token"] / host
         out["probe_seconds_per_token"] = probe_seconds_per_token(attributor, L, d)
     return out
 
@@ -277,8 +285,9 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
 def probe_seconds_per_token(attributor, L: int, d: int, rows: tuple[int, ...] = (1, 16, 512),
                             repetitions: int = 3) -> dict[str, float]:
     """Measured wall time of one Attributor call per row, on one thread as the worker's emitter
-    runs it: 1 row (a decode step of one stream), 16 (a batch-16 step), 512 (a 512-token audit).
-    Best of `repetitions`; inputs are random (the cost does not depend on the values)."""
+    runs it: 1 row (a decode step of one stream) and 16 (a batch-16 step) with the engine's logits
+    handed over, 512 (a 512-token audit) computing them. Best of `repetitions`; inputs are random
+    (the cost does not depend on the values)."""
     import torch
 
     threads = torch.get_num_threads()
@@ -288,10 +297,11 @@ def probe_seconds_per_token(attributor, L: int, d: int, rows: tuple[int, ...] = 
         for n in rows:
             resid, mid = torch.randn(n, L + 1, d), torch.randn(n, L, d)
             tokens = torch.randint(0, attributor.host.W_U.shape[0], (n,))
+            logits = attributor.host.logits(resid[:, -1]) if n < 512 else None
             best = float("inf")
             for _ in range(repetitions):
                 t0 = time.perf_counter()
-                attributor(resid, mid, tokens, detail="summary")
+                attributor(resid, mid, tokens, detail="summary", logits=logits)
                 best = min(best, time.perf_counter() - t0)
             out[str(n)] = best / n
         return out
