@@ -133,13 +133,17 @@ class CaptureSink:
     def buffered_records(self) -> int:
         return sum(len(s.records) for s in self._requests.values())
 
-    async def take(self, rid: str, kind: str, index: int, timeout_s: float = 30.0) -> tuple[dict, dict]:
-        """Wait for and remove the record deciding (kind, index) of request `rid`."""
+    async def take(self, rid: str, kind: str, index: int, timeout_s: float | None = 30.0) -> tuple[dict, dict]:
+        """Wait for and remove the record deciding (kind, index) of request `rid`
+        (timeout_s None: until it arrives or the caller is cancelled)."""
         state = self._requests[rid]
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         while (kind, index) not in state.records:
             state.changed.clear()
+            if deadline is None:
+                await state.changed.wait()
+                continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise TimeoutError(f"no capture record for request {rid!r} {kind} index {index}")

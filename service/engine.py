@@ -27,6 +27,7 @@ from service.vllm_plugin.plugin import PLUGIN_NAME
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "service.vllm_plugin.worker.AlignlensWorkerExtension"
+RECORD_TIMEOUT_S = 30.0  # a replay's records must all arrive this long after the engine finished it
 
 
 @dataclass
@@ -156,20 +157,37 @@ class CaptureEngine:
             self.sink.close(rid)
 
     async def replay_captured(self, rid: str, prompt_ids: list[int], completion_ids: list[int], *,
-                              detail: int = 0, resid: bool = False) -> list[tuple[dict, dict]]:
-        """Teacher-forced pass over prompt+completion; one record per completion token."""
+                              detail: int = 0, resid: bool = False,
+                              convert: Callable[[tuple[dict, dict]], Any] | None = None) -> list:
+        """Teacher-forced pass over prompt+completion; one record per completion token, in order.
+
+        Records are taken (and passed through `convert`, e.g. into response messages) as they
+        arrive, while the engine still computes later prefill chunks; after the engine finishes,
+        the remaining records must arrive within RECORD_TIMEOUT_S.
+        """
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
                                 extra_args=capture_options(rid, detail=detail, resid=resid,
                                                            replay_from=len(prompt_ids)))
+        convert = convert or (lambda pair: pair)
+
+        async def collect() -> list:
+            return [convert(await self.sink.take(rid, REPLAY, j, timeout_s=None)) for j in range(len(completion_ids))]
+
         self.sink.open(rid)
+        collector = asyncio.ensure_future(collect())
         finished = False
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_ids + completion_ids}, params, rid):
                 finished = out.finished
-            return [await self.sink.take(rid, REPLAY, j) for j in range(len(completion_ids))]
+            try:
+                return await asyncio.wait_for(asyncio.shield(collector), RECORD_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"capture records of replay {rid!r} missing {RECORD_TIMEOUT_S:.0f} s after "
+                                   "the engine finished") from None
         finally:
+            collector.cancel()
             if not finished:
                 await self.llm.abort(rid)
             self.sink.close(rid)

@@ -165,15 +165,12 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
             async with state.admission.slot():
                 queue_s = time.perf_counter() - arrival
                 state.metrics.queue_time.observe(queue_s)
-                pairs = await engine.replay_captured(rid, inp.prompt_ids, inp.completion_ids, detail=inp.detail)
+                # messages are built as records arrive, while the engine computes later chunks
+                tokens = await engine.replay_captured(rid, inp.prompt_ids, inp.completion_ids, detail=inp.detail,
+                                                      convert=_audit_token)
             deltas = TokenText(state.limits.tokenizer, inp.prompt_ids).step(inp.completion_ids)
-            tokens = []
-            for (_msg, rec), delta in zip(pairs, deltas, strict=True):
-                token = pb2.Token(index=rec["index"], token_id=rec["token"], text=delta)
-                if rec["attr"] is not None:
-                    token.attribution.CopyFrom(attribution_to_proto(rec["attr"]))
-                    token.logprob = rec["attr"]["host_logprob"]
-                tokens.append(token)
+            for token, delta in zip(tokens, deltas, strict=True):
+                token.text = delta
             e2e_s = time.perf_counter() - arrival
             state.metrics.e2e.observe(e2e_s)
             return pb2.AuditResponse(request_id=inp.request_id, tokens=tokens, prompt_tokens=len(inp.prompt_ids),
@@ -183,3 +180,13 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
         """The model and probe facts gathered at start-up."""
         async with self._guard("GetModelInfo", context):
             return self.state.info
+
+
+def _audit_token(pair: tuple[dict, dict]) -> "pb2.Token":
+    """One replay record -> its Token message (text is filled in once all ids are known)."""
+    _msg, rec = pair
+    token = pb2.Token(index=rec["index"], token_id=rec["token"])
+    if rec["attr"] is not None:
+        token.attribution.CopyFrom(attribution_to_proto(rec["attr"]))
+        token.logprob = rec["attr"]["host_logprob"]
+    return token

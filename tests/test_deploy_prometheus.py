@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from prometheus_harness import PrometheusServer
 from test_deploy import METRICS, RULE_FILES
 from tiny_models import make_probe_artifact
 
-from service.serve_process import ServeProcess, ServeProcessError
+from service.serve_process import REPO, ServeProcess, ServeProcessError
 
 pytestmark = pytest.mark.slow
 
@@ -102,8 +103,10 @@ def _like_the_image(tmp_path: Path, read_only: list[Path]) -> tuple[list[str], d
     env.update(_image_env("cpu"), HOME="/root")
     prefix = [bwrap, "--unshare-user", "--uid", "10001", "--gid", "10001", "--die-with-parent",
               "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/var/cache"]
-    for path in read_only:  # test inputs that live under the host's /tmp
-        prefix += ["--ro-bind", str(path), str(path)]
+    # what lives under the host's /tmp would be hidden by the tmpfs: the test inputs, and the checkout
+    # and its virtualenv when CI clones into /tmp
+    for path in {*map(str, read_only), str(REPO), sys.prefix}:
+        prefix += ["--ro-bind", path, path]
     return [*prefix, "--"], env, True
 
 
