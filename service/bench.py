@@ -217,13 +217,15 @@ def markdown_table(report: dict) -> str:
             if direct is not None:
                 lines.append(f"| ... over engine-direct attributed at batch {n} | {direct:.3f} | | |")
         lines += ["", "| Audit, logged completion | tokens/s (median) | spread | Generate, same length, tokens/s "
-                      "| Audit over Generate | over the 1-stream row |", "|---|---:|---|---:|---:|---:|"]
+                      "| Audit over Generate | over the 1-stream row | Audit without attribution, tokens/s |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
         for n, row in service["audit"].items():
             per_stream = row.get("over_generate_per_stream")
             lines.append(f"| {n} tokens | {row['tokens_per_second']:.1f} | "
                          f"{row['min']:.1f}..{row['max']:.1f} (n={row['repetitions']}) | "
                          f"{row['generate_tokens_per_second']:.1f} | x{row['over_generate_same_length']:.1f} | "
-                         f"{'x%.1f' % per_stream if per_stream else '-'} |")
+                         f"{'x%.1f' % per_stream if per_stream else '-'} | "
+                         f"{row['no_attribution_tokens_per_second']:.1f} |")
     return "\n".join(lines)
 
 

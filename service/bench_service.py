@@ -6,7 +6,8 @@ Phases (logged under the same names):
               ignore_eos so every stream makes exactly max_tokens tokens; tokens/s = all
               tokens / wall time of the batch; TTFT per stream
   3. audit    Audit of logged completions of 64 and 512 tokens, one request at a time:
-              completion tokens per second of wall time, against Generate making a completion
+              completion tokens per second of wall time; the same Audit with detail NONE (the
+              teacher-forced prefill alone, the bound attribution works against); Generate making a completion
               of the same length (one stream, same prompt, ignore_eos, detail SUMMARY: the
               per-token cost of the same attribution produced live), and against the
               1-stream figure of phase 2
@@ -83,8 +84,11 @@ def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Pat
         for n in lengths:
             if len(ids) < n:
                 raise ValueError(f"audit text has {len(ids)} tokens, fewer than {n}")
-            rates, live = [], []
-            for _ in range(repetitions):  # alternate Audit and the same-length Generate
+            rates, live, bare = [], [], []
+            for _ in range(repetitions):  # alternate Audit, Audit without attribution, same-length Generate
+                t0 = time.perf_counter()
+                client.audit(AUDIT_PROMPT, ids[:n], detail="none")  # capture + replay only: the prefill's bound
+                bare.append(n / (time.perf_counter() - t0))
                 t0 = time.perf_counter()
                 resp = client.audit(AUDIT_PROMPT, ids[:n], detail="summary")
                 seconds = time.perf_counter() - t0
@@ -100,7 +104,8 @@ def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Pat
                 live.append(n / seconds)
             out[str(n)] = {"tokens_per_second": statistics.median(rates), "min": min(rates), "max": max(rates),
                            "repetitions": repetitions, "generate_tokens_per_second": statistics.median(live),
-                           "over_generate_same_length": statistics.median(rates) / statistics.median(live)}
+                           "over_generate_same_length": statistics.median(rates) / statistics.median(live),
+                           "no_attribution_tokens_per_second": statistics.median(bare)}
     return out
 
 

@@ -35,6 +35,7 @@ def test_bench_json_contract(tiny_llama, tmp_path):
     assert report["service"]["streams"]["2"]["tokens_per_second"] > 0
     audit = report["service"]["audit"]["16"]
     assert audit["tokens_per_second"] > 0 and audit["generate_tokens_per_second"] > 0
+    assert audit["no_attribution_tokens_per_second"] > 0
     assert audit["over_generate_same_length"] == pytest.approx(
         audit["tokens_per_second"] / audit["generate_tokens_per_second"])
     # streams 1 and batch 1 were both measured: the service/engine-direct ratio is reported
