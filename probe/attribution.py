@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from probe.artifact import FingerprintMismatch, load_artifact
-from probe.features import alignment_features, output_gradient
+from probe.features import alignment_features, output_gradient_on_bases
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
 from probe.model import ProbeModel, candidate_set, readout_logits, token_features
@@ -106,7 +106,7 @@ class Attributor:
         host_logprob = logits.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
         top_logits, top_ids = logits.topk(K, dim=-1)
         cand_ids, valid = candidate_set(top_ids, token_ids, K)
-        g_out = torch.einsum("lfkd,nd->nlfk", self.basis, output_gradient(h, resid[:, -1], token_ids, top_ids, top_logits))
+        g_out = output_gradient_on_bases(h, self.basis, resid[:, -1], token_ids, top_ids, top_logits)
 
         a = m.standardize(alpha)
         states = m.trunk(resid, a)

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from probe.features import alignment_features, output_gradient
+from probe.features import alignment_features, output_gradient_on_bases
 from probe.host import Host
 from probe.names import FAMILY_INDEX
 from probe.svd import READERS, SvdFactors
@@ -43,7 +43,7 @@ class TokenSet:
 
     resid: Tensor  # [N, L+1, d] float32, h_0..h_L
     alpha: Tensor  # [N, L, 3, k] float32
-    g_out: Tensor  # [N, L, 3, k] float32, output gradient on each basis (probe.features.output_gradient)
+    g_out: Tensor  # [N, L, 3, k] float32, output gradient on each basis (probe.features.output_gradient_on_bases)
     token_ids: Tensor  # [N] int64, emitted token y
     cand_ids: Tensor  # [N, K] int64, host top-K tokens (descending)
     cand_logits: Tensor  # [N, K] float32, host logits of those tokens
@@ -165,9 +165,9 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
                 sl = slice(s, s + chunk)
                 alpha = alignment_features(host, factors.proj, resid[sl], mid[sl])
                 c_ids, c_logits, lp_y = host_targets(host, resid[sl, L], ys[sl], top_k)
-                g = output_gradient(host, resid[sl, L], ys[sl], c_ids, c_logits)
                 parts["alpha"].append(alpha)
-                parts["g_out"].append(torch.einsum("lfkd,nd->nlfk", factors.basis, g))
+                parts["g_out"].append(output_gradient_on_bases(host, factors.basis, resid[sl, L], ys[sl], c_ids,
+                                                               c_logits))
                 parts["cand_ids"].append(c_ids)
                 parts["cand_logits"].append(c_logits)
                 parts["host_logprob"].append(lp_y)

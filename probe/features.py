@@ -51,14 +51,8 @@ def output_gradient(host: Host, h_last: Tensor, token_ids: Tensor, cand_ids: Ten
     return host.final_norm_vjp(h_last, u)
 
 
-def direct_effects(factors_basis: Tensor, factors_proj: Tensor, alpha: Tensor, grad: Tensor) -> Tensor:
-    """First-order direct-effect terms per singular direction [N, L, 3, k]:
-    (B_if x)_j * (B_if g)_j with B the orthonormal basis, x the family's vector, g = output_gradient.
-
-    For attn_out their sum over j is the linearized change of log p(y) through the residual stream
-    when the top-k directions of what the block wrote are removed (ignoring later blocks); for the
-    readers it measures how much the read subspace is aligned with the output gradient.
-    basis, proj [L, 3, k, d]; alpha [N, L, 3, k]; grad [N, d].
-    """
-    scale = (factors_proj.norm(dim=-1) / factors_basis.norm(dim=-1).clamp_min(1e-12))  # sigma or 1: [L, 3, k]
-    return (alpha / scale.clamp_min(1e-12)) * torch.einsum("lfkd,nd->nlfk", factors_basis, grad)
+def output_gradient_on_bases(host: Host, basis: Tensor, h_last: Tensor, token_ids: Tensor, cand_ids: Tensor,
+                             cand_logits: Tensor) -> Tensor:
+    """g_out [N, L, 3, k]: output_gradient projected on every (block, family) basis [L, 3, k, d].
+    The one definition training (probe.data) and serving (probe.attribution) both use."""
+    return torch.einsum("lfkd,nd->nlfk", basis, output_gradient(host, h_last, token_ids, cand_ids, cand_logits))
