@@ -179,8 +179,13 @@ class ProbeModel(nn.Module):
         z = F.gelu(self.i_ln(z)) * (1 + self.i_token(token_rows)[:, None, None])
         return self.i_mlp(z) + self.i_bias + torch.einsum("nlfs,lfso->nlfo", s, self.i_lin)
 
+    def log_magnitude(self, effect: Tensor) -> Tensor:
+        """The training target of u and v: log(|effect| + eps) for an effect on log p(y) in nats."""
+        return torch.log(effect.abs() + self.cfg.eps_nats)
+
     def attribution(self, u: Tensor) -> Tensor:
-        """Predicted |change of log p(y)| in nats from the log-magnitude output u [...]."""
+        """Predicted |change of log p(y)| in nats from the log-magnitude output u [...] (the inverse
+        of log_magnitude, clamped at 0)."""
         return (u.exp() - self.cfg.eps_nats).clamp_min(0)
 
     def forward(self, resid: Tensor, alpha: Tensor, g_out: Tensor, token_rows: Tensor,

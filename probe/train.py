@@ -79,12 +79,11 @@ def set_statistics(model: ProbeModel, data: TokenSet, factors: SvdFactors) -> No
     g_std = data.g_out.std(0)
     model.g_out_std.copy_(g_std.clamp_min(g_std.mean() * 1e-3 + 1e-12))
     model.comp_scale.copy_(component_scale(factors))
-    eps = model.cfg.eps_nats
     with torch.no_grad():
         if data.drop is not None:
-            model.i_bias[..., 0] = torch.log(data.drop[data.labeled].abs() + eps).mean(0)
+            model.i_bias[..., 0] = model.log_magnitude(data.drop[data.labeled]).mean(0)
         if data.lin is not None:
-            model.i_bias[..., 1] = torch.log(data.lin[data.has_lin].abs() + eps).mean(0)
+            model.i_bias[..., 1] = model.log_magnitude(data.lin[data.has_lin]).mean(0)
 
 
 def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_weight: float,
@@ -117,12 +116,12 @@ def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_w
     return (kl + ce_weight * ce).sum(1).mean()
 
 
-def ablation_loss(u: Tensor, drop: Tensor, eps: float, rank_weight: float, temperature: float) -> Tensor:
-    """u [B, L, 3] predicted log-magnitudes, drop [B, L, 3] nats -> MSE + rank_weight * ListNet."""
-    t = torch.log(drop.abs() + eps).flatten(1)
+def ablation_loss(u: Tensor, target: Tensor, rank_weight: float, temperature: float) -> Tensor:
+    """u [B, L, 3] predicted log-magnitudes, target [B, L, 3] = log_magnitude(drop) -> MSE + rank_weight * ListNet."""
+    t = target.flatten(1)
     p = u.flatten(1)
-    target = F.softmax(t / temperature, 1)
-    listnet = -(target * F.log_softmax(p / temperature, 1)).sum(1) + (target * F.log_softmax(t / temperature, 1)).sum(1)
+    soft = F.softmax(t / temperature, 1)
+    listnet = -(soft * F.log_softmax(p / temperature, 1)).sum(1) + (soft * F.log_softmax(t / temperature, 1)).sum(1)
     return F.mse_loss(p, t) + rank_weight * listnet.mean()
 
 
@@ -149,7 +148,6 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
     l_order, l_pos = (labeled[torch.randperm(labeled.numel(), generator=gen)], 0) if use_ablation else (None, 0)
-    eps = probe_cfg.eps_nats
     model.train()
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress)
     steps_done, stopped_early = 0, False
@@ -168,7 +166,7 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
         loss = readout_loss(host, model, r, b, cfg.ce_weight, negatives)
         track("readout", loss)
         if use_lin:
-            loss_lin = F.mse_loss(pred[..., 1], torch.log(b.lin.abs() + eps))
+            loss_lin = F.mse_loss(pred[..., 1], model.log_magnitude(b.lin))
             loss = loss + cfg.linearized_weight * loss_lin
             track("linearized", loss_lin)
         if use_ablation:
@@ -180,7 +178,7 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
                 states = model.trunk(lb.resid, model.standardize(lb.alpha))
             feats = model.pair_features(lb.alpha, lb.g_out, token_features(lb.host_logprob, lb.cand_logits))
             u = model.importance(states, feats, host.W_U[lb.token_ids])[..., 0]
-            loss_abl = ablation_loss(u, lb.drop, eps, cfg.rank_weight, cfg.rank_temperature)
+            loss_abl = ablation_loss(u, model.log_magnitude(lb.drop), cfg.rank_weight, cfg.rank_temperature)
             loss = loss + cfg.ablation_weight * loss_abl
             track("ablation", loss_abl)
         opt.zero_grad(set_to_none=True)
