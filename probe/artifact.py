@@ -104,6 +104,9 @@ def state_bytes(model: ProbeModel) -> int:
     return sum(v.numel() * 4 for v in model.state_dict().values() if isinstance(v, torch.Tensor))
 
 
+SHIPPED_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # probes shipped in the package
+
+
 def default_artifact_path(checkpoint_dir: str | Path) -> Path:
     """Where the shipped probe for a host lives: probe/artifacts/<checkpoint folder name>.safetensors."""
-    return Path(__file__).resolve().parent / "artifacts" / f"{Path(checkpoint_dir).name}.safetensors"
+    return SHIPPED_ARTIFACTS / f"{Path(checkpoint_dir).name}.safetensors"

@@ -15,8 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import probe
-from probe.artifact import ArtifactError, FingerprintMismatch, load_artifact, read_metadata
+from probe.artifact import SHIPPED_ARTIFACTS, ArtifactError, FingerprintMismatch, load_artifact, read_metadata
 from probe.fingerprint import host_fingerprint
 from probe.host import Host
 from probe.names import DEFAULT_K, FAMILIES
@@ -24,9 +23,6 @@ from service.protos_build import load
 
 pb2, _ = load()
 log = logging.getLogger(__name__)
-
-SHIPPED_ARTIFACTS = Path(probe.__file__).resolve().parent / "artifacts"
-
 
 class StartupError(RuntimeError):
     """The server cannot start as configured; the message says why and what to do."""
