@@ -3,7 +3,8 @@
 Each field of a config dataclass carries its help text in `field(metadata={"help": ...})`.
 `add_config_args` turns the fields into `--flag-name` options whose default is read from
 `ALIGNLENS_FLAG_NAME` when set, else the dataclass default; `config_from_args` builds
-the dataclass back from the parsed namespace.
+the dataclass back from the parsed namespace, and `config_to_args` writes a config back out as
+the flags another `alignlens` process takes.
 """
 
 from __future__ import annotations
@@ -56,3 +57,15 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     """Build dataclass `cls` from the parsed namespace (fields absent from it keep defaults)."""
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**kwargs)
+
+
+def config_to_args(config: Any, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The `--flag value` list (`--flag` / `--no-flag` for booleans) that reproduces `config` through
+    add_config_args, for every field except those in `exclude`."""
+    out: list[str] = []
+    for f in dataclasses.fields(config):
+        if f.name in exclude:
+            continue
+        flag, value = f.name.replace("_", "-"), getattr(config, f.name)
+        out += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
+    return out

@@ -57,12 +57,11 @@ def run(args: argparse.Namespace) -> int:
         from service.bench import BENCH_PROMPTS
         from service.bench_service import bench_service
 
-        # the server runs with the same vLLM settings as the engine-level runs
-        serve_args = ["--dtype", config.dtype, "--max-model-len", str(config.max_model_len),
-                      "--max-num-seqs", str(config.max_num_seqs),
-                      "--max-num-batched-tokens", str(config.max_num_batched_tokens),
-                      "--kv-cache-gib", str(config.kv_cache_gib),
-                      "--enforce-eager" if config.enforce_eager else "--no-enforce-eager"]
+        from service.commands.serve import FIXED_ENGINE_FIELDS
+        from service.configs import config_to_args
+
+        # the server runs with the same vLLM settings as the engine-level runs (bench_service adds --model)
+        serve_args = config_to_args(config, exclude=("model", *FIXED_ENGINE_FIELDS))
         report["service"] = bench_service(config.model, probe, [int(n) for n in args.streams.split(",")],
                                           args.max_tokens, [int(n) for n in args.audit_lengths.split(",")],
                                           args.repetitions, BENCH_PROMPTS, serve_args)

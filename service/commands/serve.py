@@ -8,7 +8,7 @@ from service.configs import add_config_args, config_from_args
 from service.engine import EngineConfig
 
 # AsyncLLM always runs its engine core in another process, and serving needs capture: not flags.
-_FIXED_ENGINE_FIELDS = ("multiprocessing", "capture")
+FIXED_ENGINE_FIELDS = ("multiprocessing", "capture")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Serve the model over gRPC (alignlens.v1.AttributionService, health, "
                                    "reflection) with Prometheus metrics. Every flag also reads ALIGNLENS_<NAME>.")
     add_config_args(p.add_argument_group("server"), ServeConfig)
-    add_config_args(p.add_argument_group("engine"), EngineConfig, exclude=_FIXED_ENGINE_FIELDS)
+    add_config_args(p.add_argument_group("engine"), EngineConfig, exclude=FIXED_ENGINE_FIELDS)
     p.set_defaults(func=run)
 
 
