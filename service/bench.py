@@ -284,22 +284,26 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
     return out
 
 
-def probe_seconds_per_token(attributor, L: int, d: int, rows: tuple[int, ...] = (1, 16, 512),
+# (rows per call, engine logits handed over): a decode step of one stream and a batch-16 step
+# (generated tokens), a 512-token audit (replayed rows: the probe computes the logits itself)
+PROBE_TIMING_CASES = ((1, True), (16, True), (512, False))
+
+
+def probe_seconds_per_token(attributor, L: int, d: int, cases: tuple[tuple[int, bool], ...] = PROBE_TIMING_CASES,
                             repetitions: int = 3) -> dict[str, float]:
     """Measured wall time of one Attributor call per row, on one thread as the worker's emitter
-    runs it: 1 row (a decode step of one stream) and 16 (a batch-16 step) with the engine's logits
-    handed over, 512 (a 512-token audit) computing them. Best of `repetitions`; inputs are random
-    (the cost does not depend on the values)."""
+    runs it, keyed by rows per call (see PROBE_TIMING_CASES). Best of `repetitions`; inputs are
+    random (the cost does not depend on the values)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         out = {}
-        for n in rows:
+        for n, engine_logits in cases:
             resid, mid = torch.randn(n, L + 1, d), torch.randn(n, L, d)
             tokens = torch.randint(0, attributor.host.W_U.shape[0], (n,))
-            logits = attributor.host.logits(resid[:, -1]) if n < 512 else None
+            logits = attributor.host.logits(resid[:, -1]) if engine_logits else None
             best = float("inf")
             for _ in range(repetitions):
                 t0 = time.perf_counter()
