@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from probe.artifact import read_metadata
+from service.modelstore import DEFAULT_MODEL_NAME, MARKER_NAME, alignlens_home
 
-DEFAULT = Path.home() / ".cache" / "alignlens" / "models" / "SmolLM2-135M-Instruct"
+DEFAULT = alignlens_home() / "models" / DEFAULT_MODEL_NAME  # where `alignlens model fetch` puts it
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    if not (DEFAULT / ".alignlens-complete").is_file():
+    if not (DEFAULT / MARKER_NAME).is_file():
         pytest.skip("default model not fetched (alignlens model fetch): its tokenizer is borrowed here")
     out = tmp_path_factory.mktemp("tiny-host")
     torch.manual_seed(0)

@@ -77,10 +77,8 @@ def make_probe_artifact(model: Path, out: Path, fingerprint: str | None = None) 
     """An untrained probe artifact for `model` (or claiming `fingerprint`).
 
     Attributions from it are meaningless, but every field and metric is produced exactly as
-    with a trained probe. Only the hyper-parameters the current ProbeConfig has are set.
+    with a trained probe.
     """
-    import dataclasses
-
     from probe.artifact import save_artifact
     from probe.fingerprint import host_fingerprint
     from probe.host import Host
@@ -88,8 +86,7 @@ def make_probe_artifact(model: Path, out: Path, fingerprint: str | None = None) 
 
     host = Host.from_checkpoint(model)
     torch.manual_seed(0)
-    small = dict(k=8, width=32, n_encoder_layers=1, n_heads=2, head_width=16, ablation_width=16, top_k=8)
-    fields = {f.name for f in dataclasses.fields(ProbeConfig)}
-    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, **{k: v for k, v in small.items() if k in fields})
+    cfg = ProbeConfig(n_layers=host.n_layers, d_model=host.d_model, k=8, width=32, n_encoder_layers=1, n_heads=2,
+                      head_width=16, top_k=8)
     return save_artifact(out, ProbeModel(cfg).eval(), {"host_fingerprint": fingerprint or host_fingerprint(host),
                                                        "k": 8, "family_map": host.describe()})
