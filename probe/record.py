@@ -41,7 +41,17 @@ class TokenAttribution:
     family_attribution: list[list[float]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain dict of plain lists (msgpack/JSON-ready), the layout `from_dict` reads.
+
+        Built field by field: `dataclasses.asdict` deep-copies recursively and cost 0.3 ms per
+        record, a fifth of the probe's own time per audited token in the worker's emitter.
+        """
+        return {"token_id": self.token_id, "layer_gain": list(self.layer_gain),
+                "layer_importance": list(self.layer_importance), "crystallization_layer": self.crystallization_layer,
+                "family_importance": [list(row) for row in self.family_importance],
+                "top_directions": [asdict(d) for d in self.top_directions], "probe_prob": self.probe_prob,
+                "probe_top1": self.probe_top1, "host_logprob": self.host_logprob,
+                "family_attribution": [list(row) for row in self.family_attribution]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenAttribution":

@@ -27,9 +27,16 @@ _PROTO_FIELDS = {f.name for f in pb2.TokenAttribution.DESCRIPTOR.fields}
 _SCALARS = ("token_id", "crystallization_layer", "probe_prob", "probe_top1", "host_logprob")
 
 
-def _per_family(rows) -> list:
-    """[L][3] floats -> [L] PerFamily messages."""
-    return [pb2.PerFamily(**dict(zip(FAMILIES, row, strict=True))) for row in rows]
+# PerFamily's fields are the families, in order; _add_per_family relies on it.
+assert tuple(f.name for f in pb2.PerFamily.DESCRIPTOR.fields) == FAMILIES, "PerFamily fields != probe.names.FAMILIES"
+
+
+def _add_per_family(field, rows) -> None:
+    """Append [L][3] floats to a repeated PerFamily field. `field.add` with positional unpacking is
+    4-5x faster than building PerFamily messages from keyword dicts (upb): a 512-token Audit
+    converts 30k of them."""
+    for qkv, attn_out, mlp_in in rows:
+        field.add(qkv=qkv, attn_out=attn_out, mlp_in=mlp_in)
 
 
 def _rows(msgs) -> list[list[float]]:
@@ -44,11 +51,11 @@ def attribution_to_proto(attr: dict) -> "pb2.TokenAttribution":
         raise KeyError(f"TokenAttribution fields missing from the proto: {sorted(unknown)}")
     msg = pb2.TokenAttribution(
         layer_gain=attr["layer_gain"], layer_importance=attr["layer_importance"],
-        family_importance=_per_family(attr["family_importance"]),
-        family_attribution=_per_family(attr.get("family_attribution") or ()),
         top_directions=[pb2.Direction(layer=d["layer"], family=_FAMILY_ENUM[d["family"]], index=d["index"],
                                       score=d["score"]) for d in attr.get("top_directions") or ()],
         **{k: attr[k] for k in _SCALARS})
+    _add_per_family(msg.family_importance, attr["family_importance"])
+    _add_per_family(msg.family_attribution, attr.get("family_attribution") or ())
     return msg
 
 

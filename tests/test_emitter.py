@@ -83,11 +83,14 @@ def pinned_to_first_core():
 
 def test_idle_helper_piece_stuck_is_recomputed_and_sent_once(monkeypatch, pinned_to_first_core):
     sent: list[int] = []
-    helper_took = threading.Event()
-    release_helper = threading.Event()
+    emitter_busy, release_emitter = threading.Event(), threading.Event()
+    helper_took, release_helper = threading.Event(), threading.Event()
 
     def fake_build(step, rows, tensors):
-        if threading.current_thread().name == "alignlens-idle-helper":
+        if rows[0].kind == GEN:  # only the emitter thread takes generation rows
+            emitter_busy.set()
+            release_emitter.wait(10)
+        elif threading.current_thread().name == "alignlens-idle-helper":
             helper_took.set()
             release_helper.wait(10)  # a helper starved by a busy engine
         return {"step": step, "records": rows}
@@ -96,15 +99,19 @@ def test_idle_helper_piece_stuck_is_recomputed_and_sent_once(monkeypatch, pinned
     monkeypatch.setattr(capture, "send_message", lambda message: sent.append(message["step"]))
     emitter = BackgroundEmitter(idle_helper=True)
     assert emitter.helper is not None
+    gen_rows, gen_tensors = _rows([GEN])
     rows, tensors = _rows([REPLAY])
-    emitter.submit(1, rows, tensors, REPLAY_PRIORITY)
+    emitter.submit(0, gen_rows, gen_tensors, GEN_PRIORITY)  # holds the emitter thread...
+    assert emitter_busy.wait(10)
+    emitter.submit(1, rows, tensors, REPLAY_PRIORITY)  # ...so the idle helper takes piece 1
     assert helper_took.wait(10)
     for step in (2, 3):
         emitter.submit(step, rows, tensors, REPLAY_PRIORITY)
+    release_emitter.set()
     t0 = time.monotonic()
-    while sorted(sent) != [1, 2, 3] and time.monotonic() - t0 < 10:  # the emitter thread steals piece 1
+    while sorted(sent) != [0, 1, 2, 3] and time.monotonic() - t0 < 10:  # the emitter thread steals piece 1
         time.sleep(0.01)
-    assert sorted(sent) == [1, 2, 3]
+    assert sorted(sent) == [0, 1, 2, 3]
     release_helper.set()  # the helper finishes piece 1 late: not sent a second time
     assert emitter.wait_idle(10)
-    assert sorted(sent) == [1, 2, 3]
+    assert sorted(sent) == [0, 1, 2, 3]

@@ -101,7 +101,11 @@ def test_record_and_proto_fields_match():
     rec = TokenAttribution(token_id=3, layer_gain=[0.5, -0.25], layer_importance=[1.0, 0.0], crystallization_layer=1,
                            family_importance=[[0.5, 0.25, 0.25]], family_attribution=[[2.0, 1.0, 1.0]],
                            top_directions=[Direction(layer=1, family="mlp_in", index=4, score=-0.5)],
-                           probe_prob=0.5, probe_top1=True, host_logprob=-0.75).to_dict()
+                           probe_prob=0.5, probe_top1=True, host_logprob=-0.75)
+    # to_dict is written out field by field (speed): it must stay equal to the recursive asdict
+    assert rec.to_dict() == dataclasses.asdict(rec)
+    assert TokenAttribution.from_dict(rec.to_dict()) == rec
+    rec = rec.to_dict()
     assert attribution_from_proto(attribution_to_proto(rec)) == rec
 
 
