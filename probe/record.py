@@ -44,7 +44,7 @@ class TokenAttribution:
         """Plain dict of plain lists (msgpack/JSON-ready), the layout `from_dict` reads.
 
         Built field by field: `dataclasses.asdict` deep-copies recursively and cost 0.3 ms per
-        record, a fifth of the probe's own time per audited token in the worker's emitter.
+        record (20 ms per 64, against 138 ms of probe compute for them in the worker's emitter).
         """
         return {"token_id": self.token_id, "layer_gain": list(self.layer_gain),
                 "layer_importance": list(self.layer_importance), "crystallization_layer": self.crystallization_layer,

@@ -352,7 +352,6 @@ class BackgroundEmitter:
         self._thread.start()
         self.helper = None
         if idle_helper and self._cpus and hasattr(os, "SCHED_IDLE"):
-            STATE.idle_wait_polls = yield_core_while_waiting()
             self.helper = threading.Thread(target=self._run, args=(True, worker_cpus), name="alignlens-idle-helper",
                                            daemon=True)
             self.helper.start()
@@ -469,5 +468,7 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
     st.runner, st.sender, st.attributor = runner, sender, attributor
     if background and st.emitter is None:
         st.emitter = BackgroundEmitter(idle_helper=idle_helper)
+        if st.emitter.helper is not None:  # the helper needs the worker's core between steps
+            st.idle_wait_polls = yield_core_while_waiting()
     elif not background:
         st.emitter = None
