@@ -13,9 +13,9 @@ VLLM_EXTRA ?= cpu
 STAMP := $(VENV)/.installed-$(VLLM_EXTRA)
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: install model tools serve test test-slow test-all clean
+.PHONY: install protos model tools serve test test-slow test-all bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[$(VLLM_EXTRA),test]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import vllm, grpc, torch" # fail here, not later, if the install did not complete
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) protos
+
+# The gRPC code (alignlens/v1, git-ignored) is made by the build; remade here when a .proto changes.
+PROTO_OUT := alignlens/v1/attribution_pb2.py
+$(PROTO_OUT): $(wildcard protos/alignlens/v1/*.proto) $(STAMP)
+	$(PY) service/protos.py
+	touch $@
+protos: $(PROTO_OUT)
 
 model: install
 	$(ALIGNLENS) model fetch -q
@@ -34,13 +41,18 @@ tools:
 serve: model
 	$(ALIGNLENS) serve
 
-test: model tools
+test: model tools protos
 	$(PYTEST) -m "not slow" tests
 
-test-slow: model tools
+test-slow: model tools protos
 	$(PYTEST) -m slow tests || [ $$? -eq 5 ]
 
 test-all: test test-slow
 
+# The benchmark lives in the checkout (tools/bench), not in the installed package.
+BENCH_ARGS ?= --json --out bench.md
+bench: model protos
+	$(PY) -m tools.bench $(BENCH_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info service/gen
+	rm -rf $(VENV) build *.egg-info alignlens/v1

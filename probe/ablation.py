@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from probe.replica import decoder_layers
+from alignlens.probe.replica import decoder_layers
 
 
 class DecisionAblator:

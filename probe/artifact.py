@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from probe.model import ProbeConfig, ProbeModel
+from alignlens.probe.model import ProbeConfig, ProbeModel
 
 FORMAT_VERSION = "alignlens-probe-v1"
 HEADER_KEY = "alignlens_probe"

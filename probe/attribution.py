@@ -6,17 +6,17 @@ over the N decisions of a step (no Python loop over tokens in the math):
 2. host       full-vocabulary logits final_norm(h_L) @ W_U^T -> host_logprob of y, top-K candidates,
               and the output gradient d log p(y)/d h_L projected on every basis (g_out);
 3. probe      trunk over depth, readout of y over C = top-K + y at every depth (probe.model):
-              layer_gain, layer_importance, crystallization_layer, probe_prob, probe_top1;
+              depth_gain, depth_importance, crystallization_depth, probe_prob, probe_top1;
 4. pairs      the importance head's amortized ablation (probe.model): per (block, family) the
               predicted |change of the host's log p(y)| when that family's top-k singular
               directions are ablated -> family_attribution (nats) and family_importance (its
               per-block shares);
-5. directions (detail="full" only) gradient x input of the top pair's predicted importance with
+5. directions (Detail.FULL only) gradient x input of the top pair's predicted importance with
               respect to that pair's k alignment features (one backward through the small head).
 
 Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
 output gradient on every basis 1.7M + probe ~19M (see probe.model) = ~51M, about 38% of the host's
-own forward (134M); detail="full" adds ~2M for the head's backward. The host logits dominate; the engine hands over its own logits for generated tokens
+own forward (134M); Detail.FULL adds ~2M for the head's backward. The host logits dominate; the engine hands over its own logits for generated tokens
 (`logits=`), so only replayed (audit) rows pay for them.
 """
 
@@ -27,17 +27,16 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from probe.artifact import FingerprintMismatch, load_artifact
-from probe.features import alignment_features, output_gradient_on_bases
-from probe.fingerprint import host_fingerprint
-from probe.host import Host
-from probe.model import ProbeModel, candidate_set, readout_logits, token_features
-from probe.names import FAMILIES
-from probe.record import Direction, TokenAttribution
-from probe.svd import SvdFactors, load_or_compute
+from alignlens.probe.artifact import FingerprintMismatch, load_artifact
+from alignlens.probe.features import alignment_features, output_gradient_on_bases
+from alignlens.probe.fingerprint import host_fingerprint
+from alignlens.probe.host import Host
+from alignlens.probe.model import ProbeModel, candidate_set, readout_logits, token_features
+from alignlens.probe.names import FAMILIES
+from alignlens.probe.record import Detail, Direction, TokenAttribution
+from alignlens.probe.svd import SvdFactors, load_or_compute
 
-DETAILS = ("summary", "full")
-FULL_DIRECTIONS = 8  # directions reported for the top pair at detail="full"
+FULL_DIRECTIONS = 8  # directions reported for the top pair at Detail.FULL
 # Rows per pass of `compute`. A whole 512-token audit step at once streams ~100 MB intermediates
 # ([N, V] logits, [N, L, 3, d] family vectors) through memory; 64-row chunks stay in the 32 MB
 # L3 and still give the [rows, d] x [d, V] product a full GEMM. Measured on the 2-core machine,
@@ -95,8 +94,8 @@ class Attributor:
                       logits: Tensor | None = None) -> dict[str, Tensor]:
         """All per-token quantities as tensors (N tokens, L blocks, C = K+1 candidates):
         alpha [N,L,3,k], host_logprob [N], host_top1 [N], cand_ids [N,C], cand_valid [N,C],
-        logp_y [N,L+1], top1 [N,L+1] bool, layer_gain [N,L+1], layer_importance [N,L+1],
-        crystallization_layer [N], family_attribution [N,L,3] (nats), family_importance [N,L,3],
+        logp_y [N,L+1], top1 [N,L+1] bool, depth_gain [N,L+1], depth_importance [N,L+1],
+        crystallization_depth [N], family_attribution [N,L,3] (nats), family_importance [N,L,3],
         probe_prob [N], probe_top1 [N] bool, token_ids [N], and g_out, states for direction_scores."""
         h, m, K = self.host, self.model, self.top_k
         resid = resid.float()
@@ -132,7 +131,7 @@ class Attributor:
         fam_imp = attribution / attribution.sum(2, keepdim=True).clamp_min(1e-12)
         return {"alpha": alpha, "g_out": g_out, "token_feats": tok, "states": states, "host_logprob": host_logprob,
                 "host_top1": top_ids[:, 0], "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
-                "top1": top1, "layer_gain": gain, "layer_importance": importance, "crystallization_layer": crystal,
+                "top1": top1, "depth_gain": gain, "depth_importance": importance, "crystallization_depth": crystal,
                 "family_attribution": attribution, "family_importance": fam_imp,
                 "probe_prob": logp_y[:, -1].exp(), "probe_top1": top1[:, -1], "token_ids": token_ids}
 
@@ -155,17 +154,17 @@ class Attributor:
         return top, scores[torch.arange(N), top]
 
     # ---- records ------------------------------------------------------------------------------
-    def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor, detail: str = "summary",
+    def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor, detail: Detail = Detail.SUMMARY,
                  logits: Tensor | None = None) -> list[TokenAttribution]:
         """TokenAttribution for each of the N decisions: resid [N, L+1, d], resid_mid [N, L, d],
-        token_ids [N] (the emitted tokens). detail="full" adds top_directions.
+        token_ids [N] (the emitted tokens). Detail.FULL adds top_directions.
 
         logits [N, V]: the host's own final logits for these rows when the engine already computed
         them (the sampler's input, before temperature or penalties); the probe then skips its own
         unembedding pass, the largest part of its cost (V*d multiply-adds and all of W_U read per call).
         """
-        if detail not in DETAILS:
-            raise ValueError(f"detail must be one of {DETAILS}, got {detail!r}")
+        if detail not in (Detail.SUMMARY, Detail.FULL):
+            raise ValueError(f"detail must be Detail.SUMMARY or Detail.FULL, got {detail!r}")
         if resid.shape[0] != token_ids.shape[0] or resid_mid.shape[0] != token_ids.shape[0]:
             raise ValueError(f"resid {tuple(resid.shape)}, resid_mid {tuple(resid_mid.shape)} and token_ids "
                              f"{tuple(token_ids.shape)} must have the same number of rows")
@@ -178,19 +177,19 @@ class Attributor:
             return []
         out = self.compute(resid, resid_mid, token_ids, logits)
         directions: list[list[Direction]] = [[] for _ in range(N)]
-        if detail == "full":
+        if detail == Detail.FULL:
             top, scores = self.direction_scores(out)
             idx = scores.abs().topk(min(FULL_DIRECTIONS, scores.shape[1]), dim=1).indices
             vals = scores.gather(1, idx)
             for t, (p, ids, vs) in enumerate(zip(top.tolist(), idx.tolist(), vals.tolist())):
-                directions[t] = [Direction(layer=p // 3 + 1, family=FAMILIES[p % 3], index=i, score=v)
+                directions[t] = [Direction(block=p // 3 + 1, family=FAMILIES[p % 3], index=i, score=v)
                                  for i, v in zip(ids, vs)]
-        cols = {k: out[k].cpu().tolist() for k in ("token_ids", "layer_gain", "layer_importance",
-                                                    "crystallization_layer", "family_importance", "probe_prob",
+        cols = {k: out[k].cpu().tolist() for k in ("token_ids", "depth_gain", "depth_importance",
+                                                    "crystallization_depth", "family_importance", "probe_prob",
                                                     "probe_top1", "host_logprob", "family_attribution")}
         return [TokenAttribution(
-            token_id=cols["token_ids"][t], layer_gain=cols["layer_gain"][t],
-            layer_importance=cols["layer_importance"][t], crystallization_layer=cols["crystallization_layer"][t],
+            token_id=cols["token_ids"][t], depth_gain=cols["depth_gain"][t],
+            depth_importance=cols["depth_importance"][t], crystallization_depth=cols["crystallization_depth"][t],
             family_importance=cols["family_importance"][t], top_directions=directions[t],
             probe_prob=cols["probe_prob"][t], probe_top1=cols["probe_top1"][t],
             host_logprob=cols["host_logprob"][t], family_attribution=cols["family_attribution"][t])

@@ -23,9 +23,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from probe.fast_ablation import FastAblator
-from probe.data import gradients_path, labels_path, prompt_indices, read_prompt, write_trace
-from probe.replica import capture_replica
+from alignlens.probe.fast_ablation import FastAblator
+from alignlens.probe.data import gradients_path, labels_path, prompt_indices, read_prompt, write_trace
+from alignlens.probe.replica import capture_replica
 
 log = logging.getLogger(__name__)
 

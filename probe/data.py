@@ -29,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from probe.features import alignment_features, output_gradient_on_bases
-from probe.host import Host
-from probe.names import FAMILY_INDEX
-from probe.svd import READERS, SvdFactors
+from alignlens.probe.features import alignment_features, output_gradient_on_bases
+from alignlens.probe.host import Host
+from alignlens.probe.names import FAMILY_INDEX
+from alignlens.probe.svd import READERS, SvdFactors
 
 log = logging.getLogger(__name__)
 

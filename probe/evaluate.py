@@ -34,12 +34,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from probe.attribution import Attributor
-from probe.data import TokenSet, build_dataset, prompt_indices, read_prompt
-from probe.fast_ablation import FastAblator
-from probe.model import ProbeModel, readout_logits
-from probe.prompts import encode_prompt, read_prompts, split
-from probe.svd import alignlens_home
+from alignlens.probe.attribution import Attributor
+from alignlens.probe.data import TokenSet, build_dataset, prompt_indices, read_prompt
+from alignlens.probe.fast_ablation import FastAblator
+from alignlens.probe.model import ProbeModel, readout_logits
+from alignlens.probe.prompts import encode_row, read_prompts, split
+from alignlens.probe.paths import alignlens_home
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,14 @@ def gradxinput_attribution(att: Attributor, data: TokenSet, out: dict[str, Tenso
 def eval_trace(model_tf: nn.Module, tokenizer, fingerprint: str, n_prompts: int | None, max_tokens: int,
                temperature: float, seed: int, progress: bool = True) -> Path:
     """The held-out evaluation trace for this host, generated on the replica once and cached."""
-    from probe.collect_replica import collect
+    from alignlens.probe.collect_replica import collect
 
     rows = split(read_prompts(), held_out=True)[:n_prompts]
     key = hashlib.sha256(json.dumps([rows, max_tokens, temperature, seed]).encode()).hexdigest()[:12]
     path = alignlens_home() / "probe-eval" / f"{fingerprint[:16]}-{key}.safetensors"
     if not path.is_file():
         log.info("data: generating %d held-out prompts on the replica -> %s", len(rows), path)
-        ids = [encode_prompt(tokenizer, r) for r in rows]
+        ids = [encode_row(tokenizer, r) for r in rows]
         tmp = path.with_name(path.name + ".tmp.safetensors")
         collect(model_tf, ids, max_tokens, temperature, tmp, seed=seed, eos_token_id=tokenizer.eos_token_id,
                 progress=progress, metadata={"split": "held-out"})
@@ -213,7 +213,7 @@ def evaluate(att: Attributor, model_tf: nn.Module, trace_path: str | Path, token
         "readout_gradxinput_faithfulness_spearman": f_gxi["spearman"],
         "readout_gradxinput_signed_faithfulness_spearman": f_gxi_s["spearman"],
         "probe_top1_rate": float(out_t["probe_top1"].float().mean()),
-        "mean_crystallization_layer": float(out_t["crystallization_layer"].float().mean()),
+        "mean_crystallization_depth": float(out_t["crystallization_depth"].float().mean()),
     }
     mean_profile = att.metadata.get("data", {}).get("train_mean_abs_drop")
     if mean_profile is not None:

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from probe.ablation import DecisionAblator
+from alignlens.probe.ablation import DecisionAblator
 
 
 class FastAblator(DecisionAblator):

@@ -5,7 +5,7 @@ resid [N, L+1, d] (h_0..h_L) and resid_mid [N, L, d] (m_1..m_L):
     x_qkv[n, i]      = input_norm_i(h_i)                 what q/k/v read
     y_attn_out[n, i] = m_{i+1} - h_i - b_o,i             what the attention output projection wrote
     x_mlp_in[n, i]   = post_attn_norm_i(m_{i+1})         what gate/up (c_fc) read
-    alpha[n, i, f]   = proj[i, f] @ vector[n, i, f]      [k]   (proj from probe.svd)
+    alpha[n, i, f]   = proj[i, f] @ vector[n, i, f]      [k]   (proj from alignlens.probe.svd)
 
 Cost per token: 2 norms over L vectors plus L*3*k*d multiply-adds for the projection
 (SmolLM2-135M, k=32: 1.7 M MACs).
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from probe.host import Host
+from alignlens.probe.host import Host
 
 
 def family_vectors(host: Host, resid: Tensor, resid_mid: Tensor) -> Tensor:

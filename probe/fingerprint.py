@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from probe.host import Host
+from alignlens.probe.host import Host
 
 FINGERPRINT_VERSION = "alignlens-host-v1"
 

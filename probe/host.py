@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from probe.names import FAMILIES
+from alignlens.probe.names import FAMILIES
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
 GPT2_TYPES = ("gpt2",)

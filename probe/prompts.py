@@ -3,7 +3,7 @@
 Prompts are generated deterministically from templates and word lists in seven kinds: prose
 continuations, code, questions, chat instructions, lists, numbers and Q&A-formatted text. About half
 are chat prompts ({"prompt": ..., "chat": true}: wrapped in the host's chat template), the rest raw
-text. Regenerate the file with `python -m probe.prompts > probe/data/prompts.jsonl`.
+text. Regenerate the file with `python -m alignlens.probe.prompts > probe/data/prompts.jsonl`.
 
 Split: prompt i is held out for evaluation when i % 10 == 9 (10%); training never sees it.
 """
@@ -107,7 +107,7 @@ def generate(n_per_kind: int = 100, seed: int = 0) -> list[dict]:
 
 
 def default_prompt_path() -> Path:
-    return Path(str(resources.files("probe") / "data" / "prompts.jsonl"))
+    return Path(str(resources.files(__package__) / "data" / "prompts.jsonl"))
 
 
 def read_prompts(path: str | Path | None = None) -> list[dict]:
@@ -130,12 +130,26 @@ def split(rows: list[dict], held_out: bool) -> list[dict]:
     return [r for i, r in enumerate(rows) if (i % 10 == 9) == held_out]
 
 
-def encode_prompt(tokenizer, row: dict) -> list[int]:
-    """Token ids of one prompt row: chat rows through the host's chat template, others as raw text."""
-    if row.get("chat"):
-        return list(tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
-                                                  add_generation_prompt=True, tokenize=True, return_dict=False))
-    return list(tokenizer(row["prompt"], add_special_tokens=True)["input_ids"])
+def encode_prompt(tokenizer, prompt: str | list, chat: bool = False) -> list[int]:
+    """Token ids of one prompt, the one encoder used everywhere (probe collection, `alignlens trace`,
+    the server's validation).
+
+    A list of ints passes through; a list of {"role", "content"} turns, or a string with `chat`,
+    goes through the host's chat template (a string becomes one user turn) with the generation
+    prompt added; any other string is raw text with the tokenizer's special tokens.
+    """
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if chat or isinstance(prompt, list):
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode_row(tokenizer, row: dict) -> list[int]:
+    """Token ids of one prompt-set row ({"prompt", "chat"}; chat rows through the chat template)."""
+    return encode_prompt(tokenizer, row["prompt"], chat=bool(row.get("chat")))
 
 
 if __name__ == "__main__":

@@ -1,36 +1,50 @@
-"""Per-token attribution record: the compact result that leaves the worker.
+"""Per-token attribution record: the compact result that leaves the worker, typed once.
 
-Field names follow METHOD.md section 4 and are mirrored one-to-one by the
-`TokenAttribution` message of protos/alignlens/v1. Arrays are plain Python lists
-so a record can cross a process boundary as msgpack/JSON without torch.
+Field names follow METHOD.md section 4 and are mirrored one-to-one by the `TokenAttribution`
+message of protos/alignlens/v1 (alignlens.service.server.convert checks it at import). These are
+`msgspec.Struct`s: the vLLM worker encodes them to msgpack as they are and the server decodes
+them back into the same types (alignlens.service.engine.wire), with no dict layer in between.
+
+Depths and blocks are named apart (probe/names.py): per-depth fields (`depth_*`) have L+1
+entries, depths 0..L; per-block fields have L entries, entry i is block i+1.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import enum
+
+import msgspec
 
 
-@dataclass
-class Direction:
+class Detail(enum.IntEnum):
+    """How much attribution a request asks for: the one encoding used by the worker, the engine
+    options, validation and the client (the proto's AttributionDetail maps onto it in
+    alignlens.service.server.convert)."""
+
+    NONE = 0  # no capture at all: the request is served as stock vLLM
+    SUMMARY = 1  # depth profile, family shares and attributions, agreement, host log-prob
+    FULL = 2  # SUMMARY plus top_directions
+
+
+class Direction(msgspec.Struct, frozen=True):
     """One singular direction of one weight matrix, with its attribution score."""
 
-    layer: int  # block index 1..L (depth token l reads alpha_l)
+    block: int  # block 1..L whose weights the direction belongs to
     family: str  # one of probe.names.FAMILIES
     index: int  # singular-direction index 0..k-1 (0 = largest singular value)
     score: float  # signed gradient x input of the pair's predicted log-importance w.r.t. alpha_{l,f,index}
 
 
-@dataclass
-class TokenAttribution:
+class TokenAttribution(msgspec.Struct):
     """Why token y was emitted at one position. L = number of host blocks."""
 
     token_id: int
-    layer_gain: list[float]  # [L+1] nats, log p_l(y) - log p_{l-1}(y); l=0 vs uniform over candidates
-    layer_importance: list[float]  # [L+1] positive gains normalized to sum 1
-    crystallization_layer: int  # smallest l with y top candidate at every depth >= l; L+1 if not top at depth L
+    depth_gain: list[float]  # [L+1] nats, log p_d(y) - log p_{d-1}(y); d=0 vs uniform over candidates
+    depth_importance: list[float]  # [L+1] positive gains normalized to sum 1
+    crystallization_depth: int  # smallest d with y top candidate at every depth >= d; L+1 if not top at depth L
     family_importance: list[list[float]]  # [L][3] share of qkv, attn_out, mlp_in per block
     #                                       (family_attribution normalized per block)
-    top_directions: list[Direction] = field(default_factory=list)
+    top_directions: list[Direction] = []
     probe_prob: float = 0.0  # probe's final-depth probability of y over the candidate set
     probe_top1: bool = False  # probe's final-depth top candidate == y
     host_logprob: float = 0.0  # host log p(y) over the full vocabulary (nats)
@@ -38,23 +52,12 @@ class TokenAttribution:
     # when that family's top-k singular directions are ablated at this position (amortized ablation,
     # probe/model.py). The unnormalized pair importance behind family_importance; top_directions
     # explain this array's largest pair.
-    family_attribution: list[list[float]] = field(default_factory=list)
+    family_attribution: list[list[float]] = []
 
     def to_dict(self) -> dict:
-        """Plain dict of plain lists (msgpack/JSON-ready), the layout `from_dict` reads.
-
-        Built field by field: `dataclasses.asdict` deep-copies recursively and cost 0.3 ms per
-        record (20 ms per 64, against 138 ms of probe compute for them in the worker's emitter).
-        """
-        return {"token_id": self.token_id, "layer_gain": list(self.layer_gain),
-                "layer_importance": list(self.layer_importance), "crystallization_layer": self.crystallization_layer,
-                "family_importance": [list(row) for row in self.family_importance],
-                "top_directions": [asdict(d) for d in self.top_directions], "probe_prob": self.probe_prob,
-                "probe_top1": self.probe_top1, "host_logprob": self.host_logprob,
-                "family_attribution": [list(row) for row in self.family_attribution]}
+        """Plain dict of plain lists (JSON-ready), the layout `from_dict` reads."""
+        return msgspec.to_builtins(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenAttribution":
-        d = dict(d)
-        d["top_directions"] = [Direction(**x) for x in d.get("top_directions", [])]
-        return cls(**d)
+        return msgspec.convert(d, cls)

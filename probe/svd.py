@@ -27,18 +27,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from probe.fingerprint import host_fingerprint
-from probe.host import Host
-from probe.names import DEFAULT_K, FAMILIES, FAMILY_INDEX
+from alignlens.probe.fingerprint import host_fingerprint
+from alignlens.probe.host import Host
+from alignlens.probe.names import DEFAULT_K, FAMILIES, FAMILY_INDEX
+from alignlens.probe.paths import alignlens_home
 
 log = logging.getLogger(__name__)
 
 READERS = ("qkv", "mlp_in")
-
-
-def alignlens_home() -> Path:
-    """$ALIGNLENS_HOME, default ~/.cache/alignlens."""
-    return Path(os.environ.get("ALIGNLENS_HOME") or Path.home() / ".cache" / "alignlens")
 
 
 @dataclass

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from probe.data import TokenSet, build_dataset, component_scale
-from probe.host import Host
-from probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits, token_features
-from probe.svd import SvdFactors
+from alignlens.probe.data import TokenSet, build_dataset, component_scale
+from alignlens.probe.host import Host
+from alignlens.probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits, token_features
+from alignlens.probe.svd import SvdFactors
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,10 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
 def train_artifact(checkpoint_dir: str, trace_paths: list[str], out_path: str, probe_overrides: dict | None = None,
                    cfg: TrainConfig | None = None, max_tokens: int | None = None, progress: bool = True) -> dict:
     """The whole `alignlens probe train`: host + SVD factors, data, fit, artifact. Returns the metadata."""
-    from probe.artifact import save_artifact
-    from probe.data import trace_metadata
-    from probe.fingerprint import host_fingerprint
-    from probe.svd import load_or_compute
+    from alignlens.probe.artifact import save_artifact
+    from alignlens.probe.data import trace_metadata
+    from alignlens.probe.fingerprint import host_fingerprint
+    from alignlens.probe.svd import load_or_compute
 
     cfg = cfg or TrainConfig()
     torch.set_num_threads(cfg.threads)

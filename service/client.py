@@ -4,7 +4,7 @@
         client.wait_ready()
         stream = client.generate("The capital of France is", max_tokens=8, temperature=0)
         for token in stream:                      # pb2.Token, one per emitted token
-            print(token.text, token.attribution.crystallization_layer)
+            print(token.text, token.attribution.crystallization_depth)
         print(stream.finished.finish_reason)      # pb2.Finished, once the stream ended
         audit = client.audit(stream.finished.prompt_token_ids, [t.token_id for t in stream.tokens])
 
@@ -21,14 +21,12 @@ from collections.abc import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.protos_build import load
+from alignlens.service.protos import MAX_MESSAGE_BYTES, load
+from alignlens.service.server.convert import DETAIL_BY_NAME
 
 pb2, pb2_grpc = load()
 
 DEFAULT_TARGET = "localhost:50051"
-DETAILS = {"unspecified": pb2.ATTRIBUTION_DETAIL_UNSPECIFIED, "none": pb2.ATTRIBUTION_DETAIL_NONE,
-           "summary": pb2.ATTRIBUTION_DETAIL_SUMMARY, "full": pb2.ATTRIBUTION_DETAIL_FULL}
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 PromptLike = str | Sequence[int] | Sequence[dict]
 
@@ -91,8 +89,8 @@ class AttributionClient:
     def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None):
         self.target = target
         self.timeout_s = timeout_s  # default deadline of every call (None: none)
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                                                              ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)])
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                                              ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self.stub = pb2_grpc.AttributionServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -118,14 +116,14 @@ class AttributionClient:
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
                 setattr(sampling, name, value)
-        request = pb2.GenerateRequest(prompt=make_prompt(prompt), sampling=sampling, detail=DETAILS[detail],
+        request = pb2.GenerateRequest(prompt=make_prompt(prompt), sampling=sampling, detail=DETAIL_BY_NAME[detail],
                                       request_id=request_id)
         return GenerateStream(self.stub.Generate(request, timeout=self._timeout(timeout_s)))
 
     def audit(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
               request_id: str = "", timeout_s: float | None = None) -> "pb2.AuditResponse":
         """Attribute a logged completion (text, or token ids for an exact replay)."""
-        request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAILS[detail], request_id=request_id)
+        request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id)
         if isinstance(completion, str):
             request.completion_text = completion
         else:

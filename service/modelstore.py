@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from alignlens.probe.paths import alignlens_home
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -44,12 +46,6 @@ MARKER_NAME = ".alignlens-complete"
 # `rope_theta` key would silently fall back to 10000 without it.
 DEFAULT_ROPE_THETA = 100000.0
 _CHUNK_BYTES = 1 << 20
-
-
-def alignlens_home() -> Path:
-    """The store's root folder: `$ALIGNLENS_HOME`, else `~/.cache/alignlens`."""
-    env = os.environ.get("ALIGNLENS_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "alignlens"
 
 
 def _is_complete(checkpoint: Path) -> bool:

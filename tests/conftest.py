@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import build_tiny_model  # noqa: E402
+from tests.support.tiny import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +25,7 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     """The real SmolLM2-135M-Instruct checkpoint (fetched once by `alignlens model fetch`)."""
-    from service.modelstore import fetch_default_model
+    from alignlens.service.modelstore import fetch_default_model
 
     return fetch_default_model(progress=False)
 

@@ -1,4 +1,4 @@
-"""`alignlens bench` end to end on a tiny model: every mode, the service part, the JSON contract."""
+"""`python -m tools.bench` end to end on a tiny model: every mode, the service part, the JSON contract."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from tiny_models import make_probe_artifact
+from tests.support.tiny import make_probe_artifact
+from tools.serve_process import REPO
 
 
 @pytest.mark.slow
@@ -15,11 +16,11 @@ def test_bench_json_contract(tiny_llama, tmp_path):
     probe = make_probe_artifact(tiny_llama, tmp_path / "probe.safetensors")
     md = tmp_path / "bench.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "service.cli", "bench", "--model", str(tiny_llama), "--probe", str(probe),
+        [sys.executable, "-m", "tools.bench", "--model", str(tiny_llama), "--probe", str(probe),
          "--batch-sizes", "1,4", "--repetitions", "2", "--max-tokens", "8", "--enforce-eager",
          "--max-model-len", "512", "--service", "--streams", "1,2", "--audit-lengths", "16",
          "--json", "--out", str(md)],
-        capture_output=True, text=True, timeout=1200)
+        capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for batch in ("1", "4"):
@@ -33,6 +34,9 @@ def test_bench_json_contract(tiny_llama, tmp_path):
     assert 0 < cost["attribution_flops_per_token"] < cost["attribution_flops_per_audit_token"]
     assert report["peak_rss_bytes"]["stock"] > 0 and report["peak_rss_bytes"]["capture"] > 0
     assert report["service"]["streams"]["2"]["tokens_per_second"] > 0
+    # detail NONE through the server (stock serving) beside engine-direct stock
+    assert report["service"]["streams"]["2"]["none_tokens_per_second"] > 0
+    assert report["service"]["none_over_engine_stock"]["1"] > 0
     audit = report["service"]["audit"]["16"]
     assert audit["tokens_per_second"] > 0 and audit["generate_tokens_per_second"] > 0
     assert audit["no_attribution_tokens_per_second"] > 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from capture_check import check_rows, greedy_from_final, load_replica
+from tests.support.capture_check import check_rows, greedy_from_final, load_replica
 
 PROMPTS = [
     "The capital of France is",
@@ -30,7 +30,7 @@ PROMPTS = [
 
 
 def run_trace(model, out, *extra) -> dict:
-    cmd = [sys.executable, "-m", "service.cli", "trace", "--model", str(model), "--out", str(out),
+    cmd = [sys.executable, "-m", "alignlens.service.cli", "trace", "--model", str(model), "--out", str(out),
            "--max-tokens", "12", *extra]
     for p in PROMPTS:
         cmd += ["--prompt", p]
@@ -65,9 +65,10 @@ def test_trace_inproc_matches_replica(arch, tiny_llama, tiny_gpt2, tmp_path):
 async def _default_config_session(model_dir):
     from vllm import SamplingParams
 
-    from service.channel import record_tensors
-    from service.engine import CaptureEngine, EngineConfig
-    from service.trace import trace_with_engine
+    from alignlens.service.engine.async_engine import CaptureEngine
+    from alignlens.service.engine.config import EngineConfig
+    from alignlens.service.engine.trace import trace_with_engine
+    from alignlens.service.engine.wire import CaptureOptions
 
     engine = await CaptureEngine.start(EngineConfig(model=str(model_dir), max_model_len=512,
                                                     max_num_batched_tokens=64))
@@ -76,10 +77,12 @@ async def _default_config_session(model_dir):
         ids = [engine_tokenize(model_dir, p) for p in PROMPTS]
         results = await trace_with_engine(engine, ids, max_tokens=12)
         # teacher-forced replay of the same text, in one pass (the audit path)
-        replay = await engine.replay_captured("replay-0", ids[2], results[2]["token_ids"].tolist(), resid=True)
-        replay_resid = torch.stack([record_tensors(m, r)[0] for m, r in replay])
+        replay = await engine.replay("replay-0", ids[2], results[2]["token_ids"].tolist(),
+                                     CaptureOptions(rid="replay-0", resid=True))
+        replay_resid = torch.stack([torch.from_numpy(t.message.tensors(t.record)["resid"]) for t in replay])
         # a consumer that stops after two tokens aborts its request
-        agen = engine.generate_captured("abort-me", ids[0], SamplingParams(max_tokens=200, ignore_eos=True))
+        agen = engine.generate("abort-me", ids[0], SamplingParams(max_tokens=200, ignore_eos=True),
+                               CaptureOptions(rid="abort-me", resid=True))
         seen = 0
         async for _out, joined in agen:
             seen += len(joined)
@@ -116,7 +119,7 @@ def test_default_config_compiled_multiprocessing(tiny_llama):
     assert stats["worker"]["tracked_requests"] == 0, "aborted request still tracked in the worker"
     assert stats["server"]["open_requests"] == 0 and stats["server"]["buffered_records"] == 0
     # on a multi-core CPU the idle-core helper runs, and the worker's wait between steps no longer
-    # spins on its core (capture.yield_core_while_waiting: fails if vLLM's queue loses the hook)
+    # spins on its core (internals.yield_core_while_waiting: fails if vLLM's queue loses the hook)
     if len(os.sched_getaffinity(0)) > 1:
         assert stats["worker"]["idle_helper"] and stats["worker"]["idle_wait_polls"], stats["worker"]
 
@@ -134,7 +137,9 @@ def test_default_model_trace_matches_transformers(default_model, tmp_path):
 ENGINE_LOGITS_SCRIPT = r"""
 import json, sys
 from vllm import SamplingParams
-from service.engine import EngineConfig, InprocCaptureEngine
+from alignlens.probe.record import Detail
+from alignlens.service.engine.config import EngineConfig
+from alignlens.service.engine.inproc_engine import InprocCaptureEngine
 from transformers import AutoTokenizer
 
 model, probe = sys.argv[1], sys.argv[2]
@@ -143,9 +148,9 @@ if __name__ == "__main__":
     ids = AutoTokenizer.from_pretrained(model)("The capital of France is")["input_ids"]
     # temperature 0.8: the sampler divides its input in place; the probe must get the logits from before
     params = SamplingParams(max_tokens=8, temperature=0.8, seed=3, ignore_eos=True)
-    [(out, records)] = engine.generate_captured([ids], [params], detail=1)
+    [(out, tokens)] = engine.generate([ids], [params], detail=Detail.SUMMARY)
     print(json.dumps({"prompt": ids, "tokens": list(out.outputs[0].token_ids),
-                      "host_logprob": [rec["attr"]["host_logprob"] for _msg, rec in records],
+                      "host_logprob": [t.attr.host_logprob for t in tokens],
                       "stats": engine.stats()}))
     engine.shutdown()
 """
@@ -154,7 +159,7 @@ if __name__ == "__main__":
 def test_generated_tokens_are_attributed_from_the_engines_logits(tiny_llama, tmp_path):
     """The worker hands vLLM's own logits (copied before sampling) to the probe for generated
     tokens: every such row used them, and host_logprob equals the replica's log-softmax."""
-    from tiny_models import make_probe_artifact
+    from tests.support.tiny import make_probe_artifact
 
     probe = make_probe_artifact(tiny_llama, tmp_path / "probe.safetensors")
     proc = subprocess.run([sys.executable, "-c", ENGINE_LOGITS_SCRIPT, str(tiny_llama), str(probe)],

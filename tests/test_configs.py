@@ -3,9 +3,9 @@ settings to the `alignlens serve` it starts."""
 
 import argparse
 
-from service.commands.serve import FIXED_ENGINE_FIELDS
-from service.configs import add_config_args, config_from_args, config_to_args
-from service.engine import EngineConfig
+from alignlens.service.cli.serve import FIXED_ENGINE_FIELDS
+from alignlens.service.cli.configs import add_config_args, config_from_args, config_to_args
+from alignlens.service.engine.config import EngineConfig
 
 
 def test_config_to_args_round_trips_through_the_serve_flags():

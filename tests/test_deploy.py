@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_harness import PrometheusServer, PromQLError, free_port
+from tests.support.prometheus_harness import PrometheusServer, PromQLError, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -50,7 +50,7 @@ METRICS = {
     "alignlens_attribution_step_seconds": "histogram",
     "alignlens_attributed_tokens": "counter",
     "alignlens_probe_top1": "counter",
-    "alignlens_crystallization_layer": "histogram",
+    "alignlens_crystallization_depth": "histogram",
     "alignlens_family_importance_share": "counter",
 }
 _SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
@@ -170,7 +170,8 @@ def _build_context(dockerignore: Path, dest: Path) -> list[str]:
 
 def test_build_context_makes_a_wheel_with_generated_grpc_code_and_the_probe(tmp_path):
     """The images' install step without Docker: the context the .dockerignore lets through (without
-    service/gen), built into a wheel; what an installed alignlens needs must be in it."""
+    the generated alignlens/v1), built into a wheel; what an installed alignlens needs must be in it, under
+    the one `alignlens` namespace."""
     pytest.importorskip("grpc_tools", reason="grpcio-tools not installed")
     pytest.importorskip("setuptools", reason="setuptools not installed")
     # BuildKit reads <Dockerfile>.dockerignore: two files, one allow-list.
@@ -178,7 +179,7 @@ def test_build_context_makes_a_wheel_with_generated_grpc_code_and_the_probe(tmp_
     context = tmp_path / "context"
     copied = _build_context(DOCKER / "Dockerfile.cpu.dockerignore", context)
     assert "deploy/docker/grpc_health_check.py" in copied and "pyproject.toml" in copied
-    assert not any(p.startswith(("tests/", ".venv/", ".git/", "service/gen/")) or "__pycache__" in p for p in copied)
+    assert not any(p.startswith(("tests/", ".venv/", ".git/", "alignlens/v1/", "tools/")) or "__pycache__" in p for p in copied)
     proc = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                 "-w", str(tmp_path / "dist"), str(context))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -186,11 +187,15 @@ def test_build_context_makes_a_wheel_with_generated_grpc_code_and_the_probe(tmp_
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    for needed in ("service/cli.py", "service/server.py", "probe/__init__.py",
-                   "service/gen/alignlens/v1/attribution_pb2.py", "service/gen/alignlens/v1/attribution_pb2_grpc.py"):
+    for needed in ("alignlens/__init__.py", "alignlens/service/cli/main.py", "alignlens/service/server/app.py",
+                   "alignlens/probe/__init__.py", "alignlens/v1/attribution_pb2.py",
+                   "alignlens/v1/attribution_pb2_grpc.py"):
         assert needed in names, needed
-    assert "alignlens = service.cli:main" in entry_points and "vllm.general_plugins" in entry_points
-    shipped = {f"probe/artifacts/{p.name}" for p in (REPO / "probe" / "artifacts").glob("*")}
+    # one namespace: nothing installs as a top-level `service` or `probe` package
+    top_level = {n.split("/", 1)[0] for n in names if not n.split("/", 1)[0].endswith((".dist-info", ".data"))}
+    assert top_level == {"alignlens"}, top_level
+    assert "alignlens = alignlens.service.cli.main:main" in entry_points and "vllm.general_plugins" in entry_points
+    shipped = {f"alignlens/probe/artifacts/{p.name}" for p in (REPO / "probe" / "artifacts").glob("*")}
     assert shipped <= names, "the probe artifacts must ship inside the package"
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
@@ -378,7 +383,7 @@ _WRITABLE_ENV = ("ALIGNLENS_HOME", "ALIGNLENS_RUNTIME_DIR", "VLLM_CACHE_ROOT", "
 @pytest.mark.parametrize(("variant", "overlay"), [("cpu", "cpu"), ("cuda", "gpu")])
 def test_image_writes_only_where_the_pod_mounts_writable_volumes(rendered, variant, overlay):
     """With a read-only root file system, every path the image writes to must be an emptyDir."""
-    from service.modelstore import DEFAULT_MODEL_NAME
+    from alignlens.service.modelstore import DEFAULT_MODEL_NAME
 
     env = _image_env(variant)
     pod = _one(rendered[overlay], "Deployment")["spec"]["template"]["spec"]
@@ -432,10 +437,10 @@ def _serve_flags() -> set[str]:
     import argparse
 
     try:
-        import service.commands.serve  # noqa: F401
+        import alignlens.service.cli.serve  # noqa: F401
     except ModuleNotFoundError:
         return SERVE_FLAGS
-    from service.cli import build_parser
+    from alignlens.service.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     found = {o[2:].replace("-", "_") for a in sub.choices["serve"]._actions for o in a.option_strings
@@ -535,11 +540,11 @@ def test_rules_and_dashboard_reference_only_known_metrics():
 
 def test_metric_contract_matches_the_service():
     """Every metric deploy/ relies on is exported by service/metrics.py, with the same type."""
-    metrics = pytest.importorskip("service.metrics", reason="service/metrics.py not built yet")
+    metrics = pytest.importorskip("alignlens.service.server.metrics", reason="service/metrics.py not built yet")
     registry = metrics.ServiceMetrics(n_layers=30, max_queue=8).registry
     exported = {m.name: m.type for m in registry.collect()}
     assert {name: exported.get(name) for name in METRICS} == METRICS
-    depths = sorted(float(s.labels["le"]) for m in registry.collect() if m.name == "alignlens_crystallization_layer"
+    depths = sorted(float(s.labels["le"]) for m in registry.collect() if m.name == "alignlens_crystallization_depth"
                     for s in m.samples if s.name.endswith("_bucket"))
     assert depths[:31] == [float(d) for d in range(31)], "one bucket per depth 0..L (L = 30 here)"
 
@@ -563,10 +568,10 @@ def test_dashboard_is_valid_and_covers_serving_and_attribution():
     exprs = "\n".join(_dashboard_exprs(dashboard))
     for needed in ("alignlens_time_to_first_token_seconds_bucket", "alignlens_generation_tokens_total",
                    "alignlens_requests_waiting", "alignlens_queue_capacity", "alignlens_probe_top1_total",
-                   "alignlens_family_importance_share_total", "alignlens_crystallization_layer_bucket"):
+                   "alignlens_family_importance_share_total", "alignlens_crystallization_depth_bucket"):
         assert needed in exprs, needed
     heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]
-    assert any("alignlens_crystallization_layer_bucket" in t["expr"] and t.get("format") == "heatmap"
+    assert any("alignlens_crystallization_depth_bucket" in t["expr"] and t.get("format") == "heatmap"
                for p in heatmaps for t in p["targets"])
 
 

@@ -1,6 +1,6 @@
 """A real Prometheus scrapes a real `alignlens serve` while it serves (issue 6, item 5).
 
-The server runs a tiny random Llama (tests/tiny_models.py) with an untrained probe artifact made
+The server runs a tiny random Llama (tests/tests.support.tiny.py) with an untrained probe artifact made
 for that checkpoint, eager and with multiprocessing as in production. Prometheus (Debian's
 package) runs on loopback with deploy/prometheus's recording and alert rules and a 1 s scrape
 interval. The test sends a few Generate calls, one invalid one and one GetModelInfo, then checks
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from prometheus_harness import PrometheusServer
+from tests.support.prometheus_harness import PrometheusServer
 from test_deploy import METRICS, RULE_FILES
-from tiny_models import make_probe_artifact
+from tests.support.tiny import make_probe_artifact
 
-from service.serve_process import REPO, ServeProcess, ServeProcessError
+from tools.serve_process import REPO, ServeProcess, ServeProcessError
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,8 @@ def _require_server() -> None:
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (run deploy/scripts/install-tools.sh)")
     try:
-        import service.commands.serve
-        import service.server  # noqa: F401
+        import alignlens.service.cli.serve
+        import alignlens.service.server.app  # noqa: F401
     except ModuleNotFoundError as exc:
         pytest.skip(f"`alignlens serve` cannot be imported yet: module {exc.name} is missing")
     pytest.importorskip("vllm", reason="vLLM is not installed")
@@ -49,7 +49,7 @@ def _traffic(address: str) -> dict:
     """The client's own account of what it sent and received."""
     import grpc
 
-    from service.protos_build import load
+    from alignlens.service.protos import load
 
     pb2, pb2_grpc = load()
     seen = {"tokens": 0, "prompt_tokens": 0, "streams": 0}
@@ -149,7 +149,7 @@ def _wait_for(prom: PrometheusServer, expr: str, want: float, timeout_s: float =
 
 def _declared_buckets(name: str, n_layers: int) -> list[float]:
     """The bucket bounds service/metrics.py declares for histogram `name` (with +Inf)."""
-    from service.metrics import ServiceMetrics
+    from alignlens.service.server.metrics import ServiceMetrics
 
     registry = ServiceMetrics(n_layers=n_layers, max_queue=MAX_QUEUE).registry
     return sorted(float(s.labels["le"]) for m in registry.collect() if m.name == name
@@ -200,10 +200,10 @@ def _check_series(prom: PrometheusServer, seen: dict) -> None:
     attributed = value(f"alignlens_attributed_tokens_total{job}")
     assert attributed == seen["tokens"]
     assert 0 <= value(f"alignlens_probe_top1_total{job}") <= attributed
-    assert value(f"alignlens_crystallization_layer_count{job}") == attributed
-    buckets = sorted(float(b["metric"]["le"]) for b in prom.query(f"alignlens_crystallization_layer_bucket{job}"))
-    assert buckets == _declared_buckets("alignlens_crystallization_layer", n_layers=4)  # tiny model: L = 4
-    assert 0 <= value(f"alignlens_crystallization_layer_sum{job}") <= buckets[-2] * attributed
+    assert value(f"alignlens_crystallization_depth_count{job}") == attributed
+    buckets = sorted(float(b["metric"]["le"]) for b in prom.query(f"alignlens_crystallization_depth_bucket{job}"))
+    assert buckets == _declared_buckets("alignlens_crystallization_depth", n_layers=4)  # tiny model: L = 4
+    assert 0 <= value(f"alignlens_crystallization_depth_sum{job}") <= buckets[-2] * attributed
     families = {r["metric"]["family"]: float(r["value"][1])
                 for r in prom.query(f"alignlens_family_importance_share_total{job}")}
     assert set(families) == {"qkv", "attn_out", "mlp_in"}

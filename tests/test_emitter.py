@@ -1,6 +1,6 @@
 """The worker's emitter schedule: generation rows before replay pieces, FIFO within each.
 
-No engine: these are the pure scheduling parts of service/vllm_plugin/capture.py, fed with
+No engine: these are the pure scheduling parts of service/vllm_plugin/emitter.py, fed with
 hand-built rows. The engine-level behaviour (records joined to tokens) is in test_capture.py.
 """
 
@@ -11,14 +11,18 @@ import pytest
 
 import torch
 
-from service.channel import GEN, REPLAY
-from service.vllm_plugin import capture
-from service.vllm_plugin.capture import (GEN_PRIORITY, REPLAY_PIECE_ROWS, REPLAY_PRIORITY, BackgroundEmitter,
-                                         _Row, split_step)
+from alignlens.probe.record import Detail
+from alignlens.service.engine.wire import Kind
+from alignlens.service.vllm_plugin import emitter as capture
+from alignlens.service.vllm_plugin.emitter import (GEN_PRIORITY, REPLAY_PIECE_ROWS, REPLAY_PRIORITY, BackgroundEmitter,
+                                                   split_step)
+from alignlens.service.vllm_plugin.rows import Row
+
+GEN, REPLAY = Kind.GEN, Kind.REPLAY
 
 
-def _rows(kinds: list[str]) -> tuple[list[_Row], torch.Tensor]:
-    rows = [_Row(batch_index=i, rid=f"r{k}", kind=k, index=i, token=i, detail=1, ship_resid=False)
+def _rows(kinds: list[Kind]) -> tuple[list[Row], torch.Tensor]:
+    rows = [Row(batch_index=i, rid=f"r{k.value}", kind=k, index=i, token=i, detail=Detail.SUMMARY, ship_resid=False)
             for i, k in enumerate(kinds)]
     tensors = torch.arange(len(kinds), dtype=torch.float32)[:, None, None].expand(-1, 3, 2).clone()
     return rows, tensors

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service import modelstore
+from alignlens.service import modelstore
 
 
 def test_resolve_model_rejects_folder_without_config(tmp_path: Path) -> None:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.ablation import DecisionAblator
-from probe.fast_ablation import FastAblator
-from probe.host import Host
-from probe.replica import decoder_layers
-from probe.svd import compute_factors
-from probe_tiny import random_tokens, tiny_gpt2, tiny_llama
+from alignlens.probe.ablation import DecisionAblator
+from alignlens.probe.fast_ablation import FastAblator
+from alignlens.probe.host import Host
+from alignlens.probe.replica import decoder_layers
+from alignlens.probe.svd import compute_factors
+from tests.support.tiny import random_tokens, tiny_gpt2, tiny_llama
 
 K = 8
 MAKERS = [(tiny_llama, "llama"), (lambda: tiny_llama(bias=True), "llama"), (tiny_gpt2, "gpt2")]

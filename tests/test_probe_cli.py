@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from probe.artifact import read_metadata
-from service.modelstore import DEFAULT_MODEL_NAME, MARKER_NAME, alignlens_home
+from alignlens.probe.artifact import read_metadata
+from alignlens.service.modelstore import DEFAULT_MODEL_NAME, MARKER_NAME, alignlens_home
 
 DEFAULT = alignlens_home() / "models" / DEFAULT_MODEL_NAME  # where `alignlens model fetch` puts it
 
@@ -33,7 +33,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    from service.cli import main
+    from alignlens.service.cli.main import main
 
     monkeypatch.setenv("ALIGNLENS_HOME", str(tmp_path / "home"))
     prompts = tmp_path / "p.jsonl"

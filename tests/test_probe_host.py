@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from probe.fingerprint import host_fingerprint
-from probe.host import Host, UnsupportedHost, spec_from_config
-from probe.names import FAMILIES
-from probe.svd import compute_factors, load_or_compute
-from probe_tiny import tiny_gpt2, tiny_llama
+from alignlens.probe.fingerprint import host_fingerprint
+from alignlens.probe.host import Host, UnsupportedHost, spec_from_config
+from alignlens.probe.names import FAMILIES
+from alignlens.probe.svd import compute_factors, load_or_compute
+from tests.support.tiny import tiny_gpt2, tiny_llama
 
 K = 8
 
@@ -82,7 +82,7 @@ def test_svd_cache_round_trip(tmp_path, monkeypatch):
 
 
 def test_top_singular_matches_svd():
-    from probe.svd import _top_singular
+    from alignlens.probe.svd import _top_singular
     torch.manual_seed(0)
     W = torch.randn(300, 64, dtype=torch.float64) @ torch.diag(torch.linspace(5, 0.1, 64, dtype=torch.float64))
     S, rows = _top_singular(W, 16)

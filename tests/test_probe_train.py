@@ -7,18 +7,19 @@ import dataclasses
 import pytest
 import torch
 
-from probe.artifact import FingerprintMismatch, load_artifact, read_metadata, save_artifact
-from probe.attribution import Attributor
-from probe.collect_replica import capture, label_gradients, label_trace
-from probe.data import build_dataset, write_trace
-from probe.fingerprint import host_fingerprint
-from probe.host import Host
-from probe.model import ProbeConfig, ProbeModel, token_features
-from probe.names import FAMILIES
-from probe.evaluate import spearman
-from probe.svd import load_or_compute
-from probe.train import TrainConfig, train
-from probe_tiny import tiny_gpt2, tiny_llama
+from alignlens.probe.artifact import FingerprintMismatch, load_artifact, read_metadata, save_artifact
+from alignlens.probe.attribution import Attributor
+from alignlens.probe.collect_replica import capture, label_gradients, label_trace
+from alignlens.probe.data import build_dataset, write_trace
+from alignlens.probe.fingerprint import host_fingerprint
+from alignlens.probe.host import Host
+from alignlens.probe.model import ProbeConfig, ProbeModel, token_features
+from alignlens.probe.names import FAMILIES
+from alignlens.probe.record import Detail
+from alignlens.probe.evaluate import spearman
+from alignlens.probe.svd import load_or_compute
+from alignlens.probe.train import TrainConfig, train
+from tests.support.tiny import tiny_gpt2, tiny_llama
 
 K = 8
 
@@ -105,7 +106,7 @@ def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):
         Attributor.load(path, tmp_path / "other")
 
 
-@pytest.mark.parametrize("detail", ["summary", "full"])
+@pytest.mark.parametrize("detail", [Detail.SUMMARY, Detail.FULL])
 def test_attributor_records(tiny_setup, tmp_path, detail):
     model, host, fac, train_ds, test_ds, _ = tiny_setup
     probe = ProbeModel(_cfg(host)).eval()
@@ -119,14 +120,14 @@ def test_attributor_records(tiny_setup, tmp_path, detail):
     assert len(records) == n
     L = host.n_layers
     for r in records:
-        assert len(r.layer_gain) == L + 1 and len(r.layer_importance) == L + 1
+        assert len(r.depth_gain) == L + 1 and len(r.depth_importance) == L + 1
         assert len(r.family_importance) == L and all(len(x) == 3 for x in r.family_importance)
-        assert 0 <= r.crystallization_layer <= L + 1
-        assert abs(sum(r.layer_importance) - 1) < 1e-4 or sum(r.layer_importance) == 0
+        assert 0 <= r.crystallization_depth <= L + 1
+        assert abs(sum(r.depth_importance) - 1) < 1e-4 or sum(r.depth_importance) == 0
         assert 0 < r.probe_prob <= 1 and r.host_logprob <= 0
-        assert (len(r.top_directions) > 0) == (detail == "full")
+        assert (len(r.top_directions) > 0) == (detail == Detail.FULL)
         for d in r.top_directions:
-            assert 1 <= d.layer <= L and d.family in FAMILIES and 0 <= d.index < K
+            assert 1 <= d.block <= L and d.family in FAMILIES and 0 <= d.index < K
     # the final-depth readout is the host restricted to candidates: probe_top1 <=> host argmax == y
     logits = host.logits(cap["resid"][:, -1])
     assert [r.probe_top1 for r in records] == (logits.argmax(-1) == cap["token_ids"]).tolist()
@@ -134,7 +135,7 @@ def test_attributor_records(tiny_setup, tmp_path, detail):
     torch.testing.assert_close(torch.tensor([r.host_logprob for r in records]), lp, rtol=1e-4, atol=1e-4)
     # gains telescope: sum = log p_L(y) + log |C|
     r = records[0]
-    assert abs(sum(r.layer_gain) - (torch.log(torch.tensor(r.probe_prob)).item() + torch.log(
+    assert abs(sum(r.depth_gain) - (torch.log(torch.tensor(r.probe_prob)).item() + torch.log(
         torch.tensor(float(len(set(cap["token_ids"][:1].tolist()) | set(logits[0].topk(8).indices.tolist())))))
         .item())) < 1e-3
 
@@ -152,7 +153,7 @@ def test_attributor_with_engine_logits_matches_its_own(tiny_setup, tmp_path):
     own = att(cap["resid"], cap["resid_mid"], cap["token_ids"])
     handed = att(cap["resid"], cap["resid_mid"], cap["token_ids"], logits=logits)
     for a, b in zip(own, handed):
-        assert a.crystallization_layer == b.crystallization_layer and a.probe_top1 == b.probe_top1
+        assert a.crystallization_depth == b.crystallization_depth and a.probe_top1 == b.probe_top1
         assert b.host_logprob == pytest.approx(a.host_logprob, abs=1e-4)
         torch.testing.assert_close(torch.tensor(b.family_attribution), torch.tensor(a.family_attribution),
                                    rtol=1e-3, atol=1e-5)

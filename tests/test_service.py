@@ -21,11 +21,11 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from tiny_models import make_probe_artifact
+from tests.support.tiny import make_probe_artifact
 
-from service.client import AttributionClient, field_violations, pb2
-from service.messages import token_to_dict
-from service.serve_process import REPO, ServeProcess, ServeProcessError, free_port
+from alignlens.service.client import AttributionClient, field_violations, pb2
+from alignlens.service.server.convert import token_to_dict
+from tools.serve_process import REPO, ServeProcess, ServeProcessError, free_port
 
 MAX_MODEL_LEN = 512
 SLOTS, MAX_QUEUE = 8, 2
@@ -34,7 +34,7 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "1, 2, 3, 4, 5,", "Ques
 
 
 class ServerProcess(ServeProcess):
-    """service.serve_process.ServeProcess with this module's limits, a client and a /metrics reader."""
+    """tools.serve_process.ServeProcess with this module's limits, a client and a /metrics reader."""
 
     def __init__(self, model: Path, log_path: Path, *extra: str):
         super().__init__(["--model", str(model), "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(SLOTS),
@@ -93,19 +93,22 @@ def _generate(client, prompt, **kw) -> tuple[list[dict], object]:
 
 def test_record_and_proto_fields_match():
     """probe/record.py TokenAttribution and the proto message carry the same fields (no server)."""
-    from probe.record import Direction, TokenAttribution
-    from service.messages import attribution_from_proto, attribution_to_proto
+    from alignlens.probe.record import Direction, TokenAttribution
+    from alignlens.service.server.convert import attribution_from_proto, attribution_to_proto
 
     for record, message in ((TokenAttribution, pb2.TokenAttribution), (Direction, pb2.Direction)):
-        assert {f.name for f in dataclasses.fields(record)} == {f.name for f in message.DESCRIPTOR.fields}
-    rec = TokenAttribution(token_id=3, layer_gain=[0.5, -0.25], layer_importance=[1.0, 0.0], crystallization_layer=1,
+        assert set(record.__struct_fields__) == {f.name for f in message.DESCRIPTOR.fields}
+    rec = TokenAttribution(token_id=3, depth_gain=[0.5, -0.25], depth_importance=[1.0, 0.0], crystallization_depth=1,
                            family_importance=[[0.5, 0.25, 0.25]], family_attribution=[[2.0, 1.0, 1.0]],
-                           top_directions=[Direction(layer=1, family="mlp_in", index=4, score=-0.5)],
+                           top_directions=[Direction(block=1, family="mlp_in", index=4, score=-0.5)],
                            probe_prob=0.5, probe_top1=True, host_logprob=-0.75)
-    # to_dict is written out field by field (speed): it must stay equal to the recursive asdict
-    assert rec.to_dict() == dataclasses.asdict(rec)
     assert TokenAttribution.from_dict(rec.to_dict()) == rec
-    rec = rec.to_dict()
+    # the typed wire record survives the side channel's encoding unchanged
+    from alignlens.service.engine.wire import Kind, StepMessage, TokenRecord, decode_step, encode_step
+
+    step = StepMessage(step=1, attr_seconds=0.0, n_blocks=1, d_model=2, dtype="float32",
+                       records=[TokenRecord(rid="r", kind=Kind.GEN, index=0, token=3, attr=rec)])
+    assert decode_step(encode_step(step)) == step
     assert attribution_from_proto(attribution_to_proto(rec)) == rec
 
 
@@ -114,8 +117,8 @@ def test_health_reflection_and_model_info(server, tiny_llama, probe_path):
         ProtoReflectionDescriptorDatabase,
     )
 
-    from probe.fingerprint import host_fingerprint
-    from probe.host import Host
+    from alignlens.probe.fingerprint import host_fingerprint
+    from alignlens.probe.host import Host
 
     # health answered during the engine's start-up (the event loop is not blocked by it; a check
     # may still time out on a busy machine, so only the answer is required)
@@ -145,12 +148,12 @@ def test_generate_fields_and_shapes(server, tiny_llama):
     for t in tokens:
         a = t["attribution"]
         assert 0 <= t["token_id"] < info.vocab_size and t["logprob"] <= 0
-        assert len(a["layer_gain"]) == L + 1 and len(a["layer_importance"]) == L + 1
+        assert len(a["depth_gain"]) == L + 1 and len(a["depth_importance"]) == L + 1
         assert len(a["family_importance"]) == L and all(len(r) == 3 for r in a["family_importance"])
         assert len(a["family_attribution"]) == L
-        assert 0 <= a["crystallization_layer"] <= L + 1 and 0 < a["probe_prob"] <= 1
+        assert 0 <= a["crystallization_depth"] <= L + 1 and 0 < a["probe_prob"] <= 1
         assert a["token_id"] == t["token_id"] and a["top_directions"]
-        assert all(1 <= d["layer"] <= L and d["family"] in info.families and d["index"] < info.k
+        assert all(1 <= d["block"] <= L and d["family"] in info.families and d["index"] < info.k
                    for d in a["top_directions"])
         # vLLM's sampler logprob and the probe's host logprob come from the same logits
         assert math.isclose(a["host_logprob"], t["logprob"], rel_tol=1e-3, abs_tol=1e-4)
@@ -159,7 +162,7 @@ def test_generate_fields_and_shapes(server, tiny_llama):
     ids = [t["token_id"] for t in tokens]
     assert "".join(t["text"] for t in tokens) == tokenizer.decode(ids, skip_special_tokens=True)
     summary, _ = _generate(server.client, PROMPTS[0], max_tokens=4, temperature=0, detail="summary")
-    assert summary[0]["attribution"]["top_directions"] == [] and summary[0]["attribution"]["layer_gain"]
+    assert summary[0]["attribution"]["top_directions"] == [] and summary[0]["attribution"]["depth_gain"]
     plain, _ = _generate(server.client, PROMPTS[0], max_tokens=4, temperature=0, detail="none")
     assert plain[0]["attribution"] is None and [t["token_id"] for t in plain] == ids[:4]
 
@@ -189,7 +192,7 @@ def _close(a, b, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
 
 def test_live_and_audit_agree(server):
     """Live decode rows and one teacher-forced replay pass give the same attributions."""
-    continuous = ("layer_gain", "layer_importance", "family_importance", "family_attribution", "probe_prob",
+    continuous = ("depth_gain", "depth_importance", "family_importance", "family_attribution", "probe_prob",
                   "host_logprob")
     discrete_same, discrete_total, worst = 0, 0, 0.0
     for prompt in PROMPTS[:4]:
@@ -202,15 +205,15 @@ def test_live_and_audit_agree(server):
             la, lb = a["attribution"], b["attribution"]
             for name in continuous:
                 assert _close(la[name], lb[name]), (name, la[name], lb[name])
-            worst = max(worst, max(abs(x - y) for x, y in zip(la["layer_gain"], lb["layer_gain"], strict=True)))
-            for name in ("crystallization_layer", "probe_top1"):
+            worst = max(worst, max(abs(x - y) for x, y in zip(la["depth_gain"], lb["depth_gain"], strict=True)))
+            for name in ("crystallization_depth", "probe_top1"):
                 discrete_same += la[name] == lb[name]
                 discrete_total += 1
-            discrete_same += [(d["layer"], d["family"], d["index"]) for d in la["top_directions"]] == \
-                [(d["layer"], d["family"], d["index"]) for d in lb["top_directions"]]
+            discrete_same += [(d["block"], d["family"], d["index"]) for d in la["top_directions"]] == \
+                [(d["block"], d["family"], d["index"]) for d in lb["top_directions"]]
             discrete_total += 1
     assert discrete_same >= 0.99 * discrete_total, (discrete_same, discrete_total)
-    print(f"live vs audit: max |layer_gain| difference {worst:.2e} nats; discrete {discrete_same}/{discrete_total}")
+    print(f"live vs audit: max |depth_gain| difference {worst:.2e} nats; discrete {discrete_same}/{discrete_total}")
 
 
 def test_eight_concurrent_streams(server):
@@ -253,12 +256,12 @@ def test_cli_generate_json_and_audit(server, tmp_path):
     import json
 
     target = ["--target", f"127.0.0.1:{server.port}"]
-    cli = [sys.executable, "-m", "service.cli"]
+    cli = [sys.executable, "-m", "alignlens.service.cli"]
     out = subprocess.run([*cli, "generate", PROMPTS[0], "--max-tokens", "6", "--detail", "summary", "--json", *target],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert out.returncode == 0 and len(lines) == 7 and "finished" in lines[-1], out.stderr[-2000:]
-    assert all(line["attribution"]["layer_gain"] for line in lines[:-1])
+    assert all(line["attribution"]["depth_gain"] for line in lines[:-1])
     logs = tmp_path / "logs.jsonl"
     ids = [line["token_id"] for line in lines[:-1]]
     logs.write_text(json.dumps({"id": "a", "prompt": lines[-1]["finished"]["prompt_token_ids"], "completion": ids})
@@ -268,7 +271,7 @@ def test_cli_generate_json_and_audit(server, tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "1 of 2 lines failed" in out.stderr  # line b has an empty completion
     first, second = [json.loads(line) for line in result.read_text().splitlines()]
-    assert [t["token_id"] for t in first["tokens"]] == ids and first["tokens"][0]["attribution"]["layer_gain"]
+    assert [t["token_id"] for t in first["tokens"]] == ids and first["tokens"][0]["attribution"]["depth_gain"]
     assert second["error"]["code"] == "INVALID_ARGUMENT"
 
 
@@ -364,7 +367,7 @@ def test_metrics_parse_with_the_right_names(server):
     names = {name for name, _labels in m}
     for base in ("alignlens_time_to_first_token_seconds", "alignlens_inter_token_latency_seconds",
                  "alignlens_e2e_request_latency_seconds", "alignlens_queue_time_seconds",
-                 "alignlens_attribution_step_seconds", "alignlens_crystallization_layer"):
+                 "alignlens_attribution_step_seconds", "alignlens_crystallization_depth"):
         assert {base + "_bucket", base + "_count", base + "_sum"} <= names, base
     for counter in ("alignlens_requests_total", "alignlens_prompt_tokens_total", "alignlens_generation_tokens_total",
                     "alignlens_attributed_tokens_total", "alignlens_probe_top1_total",
@@ -379,9 +382,9 @@ def test_metrics_parse_with_the_right_names(server):
     assert attributed > 0 and 0 <= m[("alignlens_probe_top1_total", ())] <= attributed
     assert m[("alignlens_attribution_step_seconds_count", ())] > 0
     L = server.client.model_info().n_layers
-    buckets = [float(dict(labels)["le"]) for name, labels in m if name == "alignlens_crystallization_layer_bucket"]
+    buckets = [float(dict(labels)["le"]) for name, labels in m if name == "alignlens_crystallization_depth_bucket"]
     assert sorted(buckets) == [*map(float, range(L + 2)), math.inf]
-    assert m[("alignlens_crystallization_layer_count", ())] == attributed
+    assert m[("alignlens_crystallization_depth_count", ())] == attributed
     shares = sum(m[("alignlens_family_importance_share_total", (("family", f),))]
                  for f in ("qkv", "attn_out", "mlp_in"))
     assert 0 < shares <= attributed + 1e-6  # each token's shares sum to 1 (or 0 if nothing supported it)
@@ -390,7 +393,7 @@ def test_metrics_parse_with_the_right_names(server):
 
 def test_probe_for_another_model_stops_startup(tiny_llama, tmp_path):
     fake = make_probe_artifact(tiny_llama, tmp_path / "other.safetensors", fingerprint="0" * 64)
-    out = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tiny_llama), "--probe",
+    out = subprocess.run([sys.executable, "-m", "alignlens.service.cli", "serve", "--model", str(tiny_llama), "--probe",
                           str(fake), "--port", str(free_port()), "--metrics-port", str(free_port())],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from itertools import islice
 
-from vllm.distributed import get_pp_group
 from vllm.model_executor.models import gpt2 as vllm_gpt2
 from vllm.model_executor.models import qwen2 as vllm_qwen2
 from vllm.model_executor.models.gpt2 import GPT2LMHeadModel, GPT2Model
@@ -33,11 +32,11 @@ from vllm.model_executor.models.mistral import (
 )
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
 
-from service.vllm_plugin import capture
+from alignlens.service.vllm_plugin import capture, internals
 
 
 def _require_single_stage() -> None:
-    if get_pp_group().world_size > 1:
+    if internals.pipeline_stages() > 1:
         raise NotImplementedError("alignlens capture does not support pipeline parallelism")
 
 

@@ -9,13 +9,13 @@ its forward. Strings keep the import lazy (no CUDA init at plugin load).
 from __future__ import annotations
 
 CAPTURE_ARCHITECTURES = {
-    "LlamaForCausalLM": "service.vllm_plugin.models:CaptureLlamaForCausalLM",
-    "MistralForCausalLM": "service.vllm_plugin.models:CaptureMistralForCausalLM",
-    "Qwen2ForCausalLM": "service.vllm_plugin.models:CaptureQwen2ForCausalLM",
-    "GPT2LMHeadModel": "service.vllm_plugin.models:CaptureGPT2LMHeadModel",
+    "LlamaForCausalLM": "alignlens.service.vllm_plugin.models:CaptureLlamaForCausalLM",
+    "MistralForCausalLM": "alignlens.service.vllm_plugin.models:CaptureMistralForCausalLM",
+    "Qwen2ForCausalLM": "alignlens.service.vllm_plugin.models:CaptureQwen2ForCausalLM",
+    "GPT2LMHeadModel": "alignlens.service.vllm_plugin.models:CaptureGPT2LMHeadModel",
 }
 
-PLUGIN_NAME = "alignlens_capture"  # entry-point name; VLLM_PLUGINS selects plugins by it
+# Registered under the entry-point name alignlens.service.engine.config.PLUGIN_NAME (pyproject.toml).
 
 
 def register() -> None:

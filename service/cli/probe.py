@@ -1,0 +1,180 @@
+"""`alignlens probe collect|train|eval`: CLI glue around probe/ (the science lives there).
+
+collect  generate with vLLM (the capture engine, alignlens.service.engine.trace) from the shipped prompt set or a JSONL
+         file, write the trace, then compute on the transformers replica the host-gradient labels of
+         every row and the ablation labels of a sample of rows (probe.collect_replica).
+         `--engine replica` generates with transformers instead (no vLLM).
+train    fit a probe on one or more traces and write the artifact (probe.train.train_artifact).
+eval     METHOD.md section 6 numbers on held-out generated tokens (probe.evaluate); `--json` prints one
+         JSON object as the last line; `--write` stores it in the artifact and beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from alignlens.service.cli.configs import add_config_args, config_from_args
+from alignlens.service.engine.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+def _checkpoint(name: str) -> Path:
+    from alignlens.service.modelstore import resolve_model
+
+    return Path(resolve_model(name))
+
+
+def _load_replica(checkpoint: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(checkpoint))
+
+
+def _collect(args: argparse.Namespace) -> int:
+    import torch
+
+    from alignlens.probe.collect_replica import collect, label_gradients, label_trace
+    from alignlens.probe.host import Host
+    from alignlens.probe.prompts import encode_row, read_prompts, split
+    from alignlens.probe.svd import load_or_compute
+
+    torch.set_num_threads(args.threads)
+    config = config_from_args(EngineConfig, args)
+    checkpoint = _checkpoint(config.model)
+    rows = read_prompts(args.prompts)
+    if args.split != "all":
+        rows = split(rows, held_out=args.split == "eval")
+    rows = rows[:args.limit] if args.limit else rows
+    if not rows:
+        raise SystemExit("alignlens probe collect: no prompts selected")
+    model, tokenizer = _load_replica(checkpoint)
+    prompt_ids = [encode_row(tokenizer, r) for r in rows]
+    out = Path(args.out)
+    if args.engine == "vllm":
+        from alignlens.service.engine.trace import trace_to_file
+
+        del model  # the engine loads its own copy; free ours while it runs
+        trace_to_file(str(checkpoint), prompt_ids, args.max_tokens, args.temperature, out, seed=args.seed,
+                      config=config)
+        model, _ = _load_replica(checkpoint)
+    else:
+        collect(model, prompt_ids, args.max_tokens, args.temperature, out, seed=args.seed,
+                eos_token_id=tokenizer.eos_token_id, metadata={"model": str(checkpoint)})
+    log.info("collect: %d prompts traced to %s", len(prompt_ids), out)
+    host = Host.from_checkpoint(checkpoint)
+    factors = load_or_compute(host, args.k)
+    if args.gradients:
+        grads = label_gradients(model, factors.basis, host.attn_out_bias, out)
+        log.info("collect: host-gradient labels in %s", grads)
+    if args.label_rows > 0:
+        labels = label_trace(model, factors.basis, host.attn_out_bias, out, args.label_rows, seed=args.seed)
+        log.info("collect: ablation labels in %s", labels)
+    print(out)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from alignlens.probe.artifact import default_artifact_path
+    from alignlens.probe.train import TrainConfig, train_artifact
+
+    checkpoint = _checkpoint(args.model)
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
+                      max_minutes=args.max_minutes)
+    overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k}
+    out = args.out or str(default_artifact_path(checkpoint))
+    meta = train_artifact(str(checkpoint), args.data, out, overrides, cfg, max_tokens=args.max_tokens)
+    print(json.dumps({"artifact": out, "training_seconds": meta["training_seconds"],
+                      "tokens": meta["data"]["tokens"], "fit": meta["fit"]}))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from alignlens.probe.artifact import default_artifact_path, sidecar_path, update_metadata
+    from alignlens.probe.attribution import Attributor
+    from alignlens.probe.evaluate import eval_trace, evaluate
+    from alignlens.probe.fingerprint import host_fingerprint
+
+    torch.set_num_threads(args.threads)
+    checkpoint = _checkpoint(args.model)
+    artifact = Path(args.probe or default_artifact_path(checkpoint))
+    if not artifact.is_file():
+        raise SystemExit(f"alignlens probe eval: no probe at {artifact}; train one with `alignlens probe train`")
+    att = Attributor.load(artifact, checkpoint)
+    model, tokenizer = _load_replica(checkpoint)
+    data = args.data or eval_trace(model, tokenizer, host_fingerprint(att.host), None, args.max_tokens,
+                                   args.temperature, seed=1)
+    result = evaluate(att, model, data, args.tokens, args.ablation_tokens)
+    result["probe"] = str(artifact)
+    result["data"] = str(data)
+    if args.write:
+        update_metadata(artifact, evaluation=result)
+        eval_path = sidecar_path(artifact).with_suffix(".eval.json")
+        eval_path.write_text(json.dumps(result, indent=2) + "\n")
+        log.info("eval: written to %s and the artifact metadata", eval_path)
+    if not args.json:
+        for key, value in result.items():
+            if not isinstance(value, list):
+                print(f"{key:45s} {value}")
+    print(json.dumps(result), file=sys.stdout)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `probe` with its `collect`, `train` and `eval` subcommands."""
+    parser = subparsers.add_parser("probe", help="collect data for, train and evaluate the attribution probe")
+    sub = parser.add_subparsers(dest="probe_command", required=True)
+
+    c = sub.add_parser("collect", help="generate + capture training data, with replica ablation labels")
+    c.add_argument("--prompts", help="JSONL of {'prompt': str, 'chat': bool} (default: the shipped set)")
+    c.add_argument("--split", choices=["train", "eval", "all"], default="train",
+                   help="which part of the prompt set (every 10th prompt is held out for eval)")
+    c.add_argument("--limit", type=int, default=0, help="use only the first N prompts (0 = all)")
+    c.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt")
+    c.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    c.add_argument("--label-rows", type=int, default=6, help="ablation-labelled rows per prompt (0 = none)")
+    c.add_argument("--gradients", action=argparse.BooleanOptionalAction, default=True,
+                   help="host-gradient labels for every row (one replica backward pass per sequence)")
+    c.add_argument("--k", type=int, default=32, help="singular directions per (block, family)")
+    c.add_argument("--engine", choices=["vllm", "replica"], default="vllm", help="generator")
+    c.add_argument("--threads", type=int, default=1, help="torch threads for the replica")
+    c.add_argument("--out", required=True, help="trace file to write (.safetensors)")
+    add_config_args(c, EngineConfig)
+    c.set_defaults(func=_collect)
+
+    t = sub.add_parser("train", help="train a probe on traces and write its artifact")
+    t.add_argument("--model", default="default", help="'default' or a local checkpoint folder")
+    t.add_argument("--data", action="append", required=True, help="trace file (repeatable)")
+    t.add_argument("--out", help="artifact path (default: the shipped location for this model)")
+    t.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--k", type=int, default=32, help="singular directions per (block, family)")
+    t.add_argument("--width", type=int, default=128, help="probe width")
+    t.add_argument("--encoder-layers", type=int, default=2, help="encoder layers over depth")
+    t.add_argument("--top-k", type=int, default=32, help="host candidates scored per token")
+    t.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens of the data")
+    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--max-minutes", type=float, default=28.0, help="wall-clock budget")
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="evaluate a probe (METHOD.md section 6)")
+    e.add_argument("--probe", help="artifact (default: the shipped probe for --model)")
+    e.add_argument("--model", default="default", help="'default' or a local checkpoint folder")
+    e.add_argument("--tokens", type=int, default=1000, help="held-out tokens for agreement and depth curves")
+    e.add_argument("--ablation-tokens", type=int, default=256, help="tokens with host ablations (faithfulness)")
+    e.add_argument("--data", help="held-out trace (default: generated on the replica from held-out prompts)")
+    e.add_argument("--max-tokens", type=int, default=32, help="tokens per held-out prompt when generating")
+    e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when generating")
+    e.add_argument("--threads", type=int, default=1, help="torch threads")
+    e.add_argument("--json", action="store_true", help="print only the JSON object")
+    e.add_argument("--write", action="store_true", help="store the result in the artifact and beside it")
+    e.set_defaults(func=_eval)

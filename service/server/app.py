@@ -1,0 +1,243 @@
+"""`alignlens serve`: the gRPC server process (grpc.aio) hosting the capture engine.
+
+Life of the process, in order:
+  1. facts: model checkpoint, tokenizer, fingerprint, probe choice (service/model_info.py);
+     a probe for another host stops here, before any engine time is spent;
+  2. metrics: /metrics on its own HTTP port (alignlens_engine_healthy = 0 while starting);
+  3. gRPC: AttributionService, grpc.health.v1 (NOT_SERVING while starting) and reflection,
+     bound and answering, so orchestrators can probe health during the engine's start-up;
+  4. engine: CaptureEngine (AsyncLLM, multiprocessing, compiled unless --enforce-eager, the
+     capture plugin, the probe in the worker), warmed up with one request; then health SERVING;
+  5. watch: a dead engine turns health NOT_SERVING, the gauge 0 and RPCs UNAVAILABLE;
+  6. drain on SIGTERM/SIGINT: health NOT_SERVING, new requests refused (UNAVAILABLE), requests
+     in flight get `grace_period_seconds` to finish, then the server, engine and metrics stop
+     and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from alignlens.probe.record import Detail
+from alignlens.service.engine.async_engine import CaptureEngine
+from alignlens.service.engine.config import EngineConfig
+from alignlens.service.engine.wire import CaptureOptions
+from alignlens.service.protos import MAX_MESSAGE_BYTES, load
+from alignlens.service.server import model_info as facts
+from alignlens.service.server.admission import Admission
+from alignlens.service.server.metrics import ServiceMetrics
+from alignlens.service.server.servicer import AttributionServicer, ServerState
+from alignlens.service.server.validation import ModelLimits
+
+pb2, pb2_grpc = load()
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["AttributionService"].full_name
+
+
+@dataclass
+class ServeConfig:
+    """The server around the engine (the engine's own settings are EngineConfig)."""
+
+    probe: str = field(default="auto", metadata={"help": "probe artifact: 'auto' (the shipped one trained for "
+                                                         "this model, if any), 'none', or a path"})
+    host: str = field(default="0.0.0.0", metadata={"help": "gRPC listen address"})
+    port: int = field(default=50051, metadata={"help": "gRPC port"})
+    metrics_host: str = field(default="0.0.0.0", metadata={"help": "Prometheus /metrics listen address"})
+    metrics_port: int = field(default=9400, metadata={"help": "Prometheus /metrics port"})
+    max_queue: int = field(default=64, metadata={"help": "requests that may wait for an engine slot; more are "
+                                                         "refused with RESOURCE_EXHAUSTED"})
+    grace_period_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in "
+                                                                        "flight may take to finish"})
+    health_poll_seconds: float = field(default=1.0, metadata={"help": "how often the engine's liveness is checked"})
+
+
+class Server:
+    """One serving process. `await Server(serve_cfg, engine_cfg).run()` returns the exit code."""
+
+    def __init__(self, config: ServeConfig, engine_config: EngineConfig):
+        self.config = config
+        self.engine_config = engine_config
+        self.health = health.aio.HealthServicer()
+        self.stop_requested = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        self.state.metrics.engine_healthy.set(1 if serving else 0)
+
+    def _prepare(self) -> tuple[facts.HostFacts, facts.ProbeChoice]:
+        """Phase 1 (blocking; runs before the event loop serves anything)."""
+        from transformers import AutoTokenizer
+
+        from alignlens.service.modelstore import resolve_model
+
+        model_path = resolve_model(self.engine_config.model)
+        host = facts.host_facts(model_path)
+        choice = facts.choose_probe(self.config.probe, host)
+        if choice.path is None:
+            log.warning("serving without attribution: %s", choice.reason)
+        else:
+            log.info("probe %s (trained for fingerprint %s...)", choice.path, host.fingerprint[:16])
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        self.limits = ModelLimits(tokenizer=tokenizer, max_model_len=self.engine_config.max_model_len,
+                                  vocab_size=min(host.vocab_size, len(tokenizer)),
+                                  probe_loaded=choice.path is not None, probe_missing_reason=choice.reason)
+        return host, choice
+
+    async def _start_grpc(self) -> grpc.aio.Server:
+        server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        pb2_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self.config.host}:{self.config.port}"
+        server.add_insecure_port(address)
+        await server.start()
+        log.info("gRPC listening on %s (health NOT_SERVING until the engine is ready)", address)
+        return server
+
+    async def _watch_engine(self) -> None:
+        """Phase 5: poll the engine's liveness (a dead engine never comes back) and its buffers.
+
+        Liveness is a local flag. Buffer counts need a call into the worker, and every call keeps
+        the worker's shared-memory reader busy-spinning for a second (vLLM's SpinCondition), so
+        an idle server polling them would burn a core: they are read only while requests run,
+        and until one reading after the last request shows everything freed.
+        """
+        engine, admission = self.state.engine, self.state.admission
+        seen_admitted, dirty = admission.admitted_total, False
+        while True:
+            await asyncio.sleep(self.config.health_poll_seconds)
+            if not self.state.engine_alive():
+                log.error("the inference engine died: health NOT_SERVING, RPCs UNAVAILABLE")
+                await self._set_health(False)
+                return
+            if not (dirty or admission.running or admission.admitted_total != seen_admitted):
+                continue
+            seen_admitted = admission.admitted_total
+            try:
+                stats = await asyncio.wait_for(engine.stats(), 10.0)
+            except Exception as exc:  # noqa: BLE001 - a busy or dying engine; liveness decides next round
+                log.debug("capture stats unavailable: %s", exc)
+                continue
+            self.state.metrics.observe_capture(stats)
+            dirty = any(stats["server"].get(k) for k in ("open_requests", "buffered_records")) or bool(
+                stats["worker"].get("tracked_requests"))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_requested.set)
+        try:
+            host, choice = self._prepare()
+        except facts.StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return 2
+        metrics = ServiceMetrics(host.n_layers, self.config.max_queue)
+        metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
+        admission = Admission(self.engine_config.max_num_seqs, self.config.max_queue, metrics)
+        info = facts.model_info(host, choice, False, self.engine_config.max_model_len, self.engine_config.dtype)
+        self.state = ServerState(self.limits, info, metrics, admission)
+        await self._set_health(False)
+        server = await self._start_grpc()
+        watcher = None
+        try:
+            if not await self._start_engine(choice, host):
+                return 0 if self.stop_requested.is_set() else 1
+            watcher = asyncio.create_task(self._watch_engine(), name="engine-watch")
+            await self.stop_requested.wait()
+            await self._drain()
+            return 0
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await server.stop(1.0)
+            if self.state.engine is not None:
+                self.state.engine.shutdown()
+            metrics.shutdown()
+            log.info("stopped")
+
+    async def _start_engine(self, choice: facts.ProbeChoice, host: facts.HostFacts) -> bool:
+        """Phase 4; False if start-up failed or a stop signal came first."""
+        probe_path = str(choice.path) if choice.path is not None else None
+        start = asyncio.create_task(CaptureEngine.start(self.engine_config, probe_path=probe_path,
+                                                        on_step=self.state.metrics.on_step))
+        stop = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not start.done():
+            # The engine's processes are being spawned in a thread that cannot be interrupted;
+            # let it finish so they can be shut down rather than orphaned.
+            log.info("stop requested during engine start-up: shutting down once it is up")
+        try:
+            engine = await start
+        except Exception:  # noqa: BLE001 - reported, then the process exits non-zero
+            log.exception("the engine failed to start")
+            return False
+        if self.stop_requested.is_set():
+            engine.shutdown()
+            return False
+        loaded = bool(engine.attach_info.get("probe_loaded"))
+        if probe_path and not loaded:
+            engine.shutdown()
+            log.error("the worker did not load probe %s", probe_path)
+            return False
+        self.state.info = facts.model_info(host, choice, loaded, self.engine_config.max_model_len,
+                                           self.engine_config.dtype)
+        await self._warm_up(engine, loaded)
+        self.state.engine = engine
+        await self._set_health(True)
+        log.info("serving %s on %s:%d (engine ready in %.1f s, attribution %s)", host.name, self.config.host,
+                 self.config.port, engine.start_seconds, "on" if loaded else "off")
+        return True
+
+    async def _warm_up(self, engine: CaptureEngine, attribution: bool) -> None:
+        """One short generation and one replay before SERVING: the first request through a fresh
+        engine pays one-off costs (kernel selection, allocator growth; seconds on CPU) that
+        should not land on a user's time to first token."""
+        from vllm import SamplingParams
+
+        t0 = time.perf_counter()
+        prompt = list(range(1, 33))  # ids 1..32 exist in every vocabulary we serve
+        plans = [("warmup", None)]  # the stock path (detail NONE), then the attributed one
+        if attribution:
+            plans.append(("warmup-attr", CaptureOptions(rid="warmup-attr", detail=Detail.SUMMARY)))
+        for rid, options in plans:
+            async for _out, _new in engine.generate(f"{rid}-gen", prompt, SamplingParams(
+                    max_tokens=4, temperature=0.0, logprobs=0, ignore_eos=True), options):
+                pass
+            await engine.replay(f"{rid}-replay", prompt[:16], prompt[16:], options)
+        log.info("warm-up done in %.1f s", time.perf_counter() - t0)
+
+    async def _drain(self) -> None:
+        """Phase 6: refuse new work, give work in flight the grace period."""
+        self.state.draining = True
+        await self.health.enter_graceful_shutdown()
+        self.state.metrics.engine_healthy.set(0)
+        busy = self.state.admission.running + self.state.admission.waiting
+        log.info("stop requested: draining %d requests (grace %.0f s)", busy, self.config.grace_period_seconds)
+        if not await self.state.admission.wait_idle(self.config.grace_period_seconds):
+            log.warning("grace period over with %d requests in flight; cancelling them",
+                        self.state.admission.running + self.state.admission.waiting)
+
+
+def serve(config: ServeConfig, engine_config: EngineConfig) -> int:
+    """Run a server until SIGTERM/SIGINT; returns the process exit code."""
+    engine_config.multiprocessing = True  # AsyncLLM always runs its engine core in its own process
+    engine_config.capture = True
+
+    async def main() -> int:  # the server's asyncio objects must be made inside the loop
+        return await Server(config, engine_config).run()
+
+    return asyncio.run(main())

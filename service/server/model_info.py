@@ -1,0 +1,125 @@
+"""What the server hosts: the model's facts, the probe it chose, and GetModelInfo's answer.
+
+Start-up phases, in order (all before the engine starts, so a wrong probe fails in seconds
+rather than after a minute of compilation):
+  1. read the checkpoint's architecture (probe.host.Host) and fingerprint it (probe.fingerprint);
+  2. choose the probe: `auto` takes the shipped artifact under probe/artifacts/ trained for this
+     fingerprint (none if there is none), `none` serves without attribution, a path must match;
+  3. a probe whose fingerprint differs, or that this build cannot load, stops start-up
+     (probe.artifact.FingerprintMismatch and friends).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignlens.probe.artifact import SHIPPED_ARTIFACTS, ArtifactError, FingerprintMismatch, load_artifact, read_metadata
+from alignlens.probe.fingerprint import host_fingerprint
+from alignlens.probe.host import Host
+from alignlens.probe.names import DEFAULT_K, FAMILIES
+from alignlens.service.protos import load
+
+pb2, _ = load()
+log = logging.getLogger(__name__)
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured; the message says why and what to do."""
+
+
+@dataclass
+class HostFacts:
+    """Architecture numbers of the served checkpoint."""
+
+    name: str
+    path: Path
+    fingerprint: str
+    n_layers: int
+    d_model: int
+    vocab_size: int
+
+
+@dataclass
+class ProbeChoice:
+    """The artifact to load (path None: serve without attribution, `reason` says why)."""
+
+    path: Path | None
+    reason: str = ""
+    metadata: dict = field(default_factory=dict)
+
+
+def host_facts(model_path: Path) -> HostFacts:
+    """Phase 1: architecture and fingerprint (reads every weight once: ~1 s per 500 MB)."""
+    host = Host.from_checkpoint(model_path)
+    spec = host.spec
+    return HostFacts(name=model_path.name, path=model_path, fingerprint=host_fingerprint(host),
+                     n_layers=spec.n_layers, d_model=spec.d_model, vocab_size=spec.vocab_size)
+
+
+def choose_probe(setting: str, host: HostFacts) -> ProbeChoice:
+    """Phases 2-3 for `--probe auto|none|PATH`. Raises StartupError on a bad or mismatched path."""
+    if setting == "none":
+        return ProbeChoice(None, "the server was started with --probe none")
+    if setting == "auto":
+        for candidate in sorted(SHIPPED_ARTIFACTS.glob("*.safetensors")):
+            try:
+                meta = read_metadata(candidate)
+            except ArtifactError as exc:
+                log.warning("ignoring %s: %s", candidate, exc)
+                continue
+            if meta.get("host_fingerprint") == host.fingerprint:
+                _check_loadable(candidate, host)
+                return ProbeChoice(candidate, metadata=meta)
+        return ProbeChoice(None, f"no shipped probe in {SHIPPED_ARTIFACTS} was trained for model {host.name} "
+                                 f"(fingerprint {host.fingerprint[:16]}...); train one with `alignlens probe "
+                                 f"train` and start the server with --probe PATH")
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise StartupError(f"--probe {setting}: no such file (use 'auto', 'none' or an artifact path)")
+    try:
+        meta = read_metadata(path)
+        if meta.get("host_fingerprint") != host.fingerprint:
+            raise FingerprintMismatch(path, meta.get("host_fingerprint", "?"), host.fingerprint, host.path)
+    except ArtifactError as exc:
+        raise StartupError(f"--probe {setting}: {exc}") from exc
+    _check_loadable(path, host)
+    return ProbeChoice(path, metadata=meta)
+
+
+def _check_loadable(path: Path, host: HostFacts) -> None:
+    """Build the probe once here (a few MB): an artifact this build cannot read fails in seconds,
+    not after the engine's start-up when the worker loads it."""
+    try:
+        load_artifact(path, host.fingerprint, host.path)
+    except Exception as exc:  # noqa: BLE001 - any reason the worker would fail the same way
+        raise StartupError(f"probe {path} cannot be loaded by this build: {type(exc).__name__}: {exc}") from exc
+
+
+def probe_info(choice: ProbeChoice, loaded: bool) -> "pb2.ProbeInfo":
+    """ProbeInfo with the artifact's headline evaluation numbers and its whole metadata."""
+    if not loaded:
+        return pb2.ProbeInfo(loaded=False, unavailable_reason=choice.reason or "the probe did not load")
+    meta = choice.metadata
+    ev = meta.get("evaluation") or {}
+    info = pb2.ProbeInfo(
+        loaded=True, path=str(choice.path), fingerprint=meta.get("host_fingerprint", ""),
+        depth_kl=ev.get("depth_kl") or [], logit_lens_kl=ev.get("logit_lens_kl") or [],
+        eval_tokens=int(ev.get("tokens") or 0),
+        **{k: float(ev[k]) for k in ("final_top1_agreement", "faithfulness_spearman", "faithfulness_top_vs_random",
+                                     "null_faithfulness_spearman", "null_faithfulness_top_vs_random")
+           if ev.get(k) is not None})
+    info.metadata.update(meta)
+    return info
+
+
+def model_info(host: HostFacts, choice: ProbeChoice, probe_loaded: bool, max_model_len: int,
+               dtype: str) -> "pb2.ModelInfo":
+    """The GetModelInfo answer (fixed for the server's lifetime)."""
+    import vllm
+
+    return pb2.ModelInfo(
+        name=host.name, fingerprint=host.fingerprint, n_layers=host.n_layers, d_model=host.d_model,
+        vocab_size=host.vocab_size, families=list(FAMILIES), k=int(choice.metadata.get("k", DEFAULT_K)),
+        max_model_len=max_model_len, dtype=dtype, vllm_version=vllm.__version__,
+        probe=probe_info(choice, probe_loaded))

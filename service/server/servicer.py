@@ -1,0 +1,197 @@
+"""The AttributionService handlers: validate, admit, run in the engine, stream back.
+
+Each RPC runs inside `_guard`, which turns any failure into a gRPC status through
+service/errors.py (one mapping), counts it in alignlens_requests_total{rpc,code}, and tells
+a client cancel or an expired deadline apart. Engine work runs inside an admission slot
+(service/admission.py) and inside `aclosing(...)` of CaptureEngine's generator, so however
+a request ends its engine request is aborted and its capture buffers are freed.
+
+Per Generate request, the phases:
+  1. validate (service/validation.py): tokenize, check every field against the model's limits;
+  2. admit: wait for an engine slot (queue time) or be refused when the queue is full;
+  3. stream: for each engine output, the new tokens with their text deltas
+     (service/detokenize.py), vLLM's logprob, and the worker's attribution record;
+  4. finish: one Finished message with finish reason, sizes and timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from alignlens.service.server import errors
+from alignlens.service.server import validation
+from alignlens.service.server.admission import Admission
+from alignlens.service.tokens import TokenText
+from alignlens.service.engine.async_engine import CaptureEngine
+from alignlens.service.server.errors import Unavailable
+from alignlens.service.server.convert import attribution_to_proto
+from alignlens.service.server.metrics import ServiceMetrics
+from alignlens.service.protos import load
+
+pb2, pb2_grpc = load()
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the handlers share. `engine` is None until start-up finishes."""
+
+    def __init__(self, limits: validation.ModelLimits, info, metrics: ServiceMetrics, admission: Admission):
+        self.limits = limits
+        self.info = info  # pb2.ModelInfo
+        self.metrics = metrics
+        self.admission = admission
+        self.engine: CaptureEngine | None = None
+        self.draining = False
+
+    def engine_alive(self) -> bool:
+        return self.engine is not None and not self.engine.llm.errored
+
+    def ready_engine(self) -> CaptureEngine:
+        """The engine, or Unavailable saying why requests cannot be served now."""
+        if self.draining:
+            raise Unavailable("the server is shutting down; send the request to another replica")
+        if self.engine is None:
+            raise Unavailable("the engine is still starting; retry shortly")
+        if self.engine.llm.errored:
+            raise Unavailable("the inference engine has died; the server must be restarted")
+        return self.engine
+
+
+def _finish_reason(completion) -> tuple[int, str]:
+    """vLLM CompletionOutput -> (FinishReason, stop string)."""
+    if completion.finish_reason == "length":
+        return pb2.FINISH_REASON_LENGTH, ""
+    if isinstance(completion.stop_reason, str):
+        return pb2.FINISH_REASON_STOP_STRING, completion.stop_reason
+    return pb2.FINISH_REASON_EOS, ""  # EOS token, or a stop token id
+
+
+class AttributionServicer(pb2_grpc.AttributionServiceServicer):
+    """gRPC handlers over a CaptureEngine (service/engine.py)."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, rpc: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED)
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, in one place
+            code, message, status = errors.rich_status(exc)
+            if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+                log.exception("%s failed", rpc)
+            from grpc_status import rpc_status
+
+            await context.abort_with_status(rpc_status.to_status(status))
+        finally:
+            self.state.metrics.requests.labels(rpc, code.name).inc()
+
+    async def Generate(self, request, context):
+        """Stream one GenerateResponse per emitted token, then a Finished message."""
+        arrival = time.perf_counter()
+        state, m = self.state, self.state.metrics
+        async with self._guard("Generate", context):
+            engine = state.ready_engine()
+            inp = validation.generate_request(request, state.limits)
+            from vllm import SamplingParams
+
+            params = SamplingParams(**inp.sampling, logprobs=0)  # 0: the sampled token's logprob only
+            rid = f"gen-{uuid.uuid4().hex[:16]}"
+            log.debug("Generate %s (client id %r): %d prompt tokens", rid, inp.request_id, len(inp.prompt_ids))
+            async with state.admission.slot():
+                queue_s = time.perf_counter() - arrival
+                m.queue_time.observe(queue_s)
+                m.prompt_tokens.inc(len(inp.prompt_ids))
+                text = TokenText(state.limits.tokenizer, inp.prompt_ids)
+                first_s = None
+                last = arrival
+                final = None
+                stream = engine.generate(rid, inp.prompt_ids, params, _options(rid, inp.detail))
+                async with contextlib.aclosing(stream):
+                    async for out, new in stream:
+                        completion = out.outputs[0]
+                        now = time.perf_counter()
+                        if new and first_s is not None:  # spread the gap over the tokens it brought
+                            for _ in new:
+                                m.itl.observe((now - last) / len(new))
+                        if new:
+                            last = now
+                        deltas = text.step([t.token_id for t in new], completion.text)
+                        for t, delta in zip(new, deltas, strict=True):
+                            token = pb2.Token(index=t.index, token_id=t.token_id, text=delta)
+                            if completion.logprobs:
+                                token.logprob = completion.logprobs[t.index][t.token_id].logprob
+                            if t.attr is not None:
+                                token.attribution.CopyFrom(attribution_to_proto(t.attr))
+                                m.observe_attribution(t.attr)
+                            if first_s is None:
+                                first_s = time.perf_counter() - arrival
+                                m.ttft.observe(first_s)
+                            m.generation_tokens.inc()
+                            yield pb2.GenerateResponse(request_id=inp.request_id, token=token)
+                        if out.finished:
+                            final = out
+            completion = final.outputs[0]
+            reason, stop_string = _finish_reason(completion)
+            e2e_s = time.perf_counter() - arrival
+            yield pb2.GenerateResponse(request_id=inp.request_id, finished=pb2.Finished(
+                finish_reason=reason, stop_string=stop_string, prompt_tokens=len(inp.prompt_ids),
+                completion_tokens=len(completion.token_ids), prompt_token_ids=inp.prompt_ids,
+                queue_seconds=queue_s, time_to_first_token_seconds=first_s or e2e_s, e2e_seconds=e2e_s))
+            m.e2e.observe(e2e_s)
+
+    async def Audit(self, request, context):
+        """Replay prompt + completion teacher-forced in one pass; attribute every completion token."""
+        arrival = time.perf_counter()
+        state = self.state
+        async with self._guard("Audit", context):
+            engine = state.ready_engine()
+            inp = validation.audit_request(request, state.limits)
+            rid = f"audit-{uuid.uuid4().hex[:16]}"
+            async with state.admission.slot():
+                queue_s = time.perf_counter() - arrival
+                state.metrics.queue_time.observe(queue_s)
+                # messages are built as records arrive, while the engine computes later chunks
+                tokens = await engine.replay(rid, inp.prompt_ids, inp.completion_ids, _options(rid, inp.detail),
+                                             convert=_audit_token)
+            deltas = TokenText(state.limits.tokenizer, inp.prompt_ids).step(inp.completion_ids)
+            for token, delta in zip(tokens, deltas, strict=True):
+                token.text = delta
+            e2e_s = time.perf_counter() - arrival
+            state.metrics.e2e.observe(e2e_s)
+            return pb2.AuditResponse(request_id=inp.request_id, tokens=tokens, prompt_tokens=len(inp.prompt_ids),
+                                     queue_seconds=queue_s, e2e_seconds=e2e_s)
+
+    async def GetModelInfo(self, request, context):
+        """The model and probe facts gathered at start-up."""
+        async with self._guard("GetModelInfo", context):
+            return self.state.info
+
+
+def _options(rid: str, detail: Detail) -> CaptureOptions | None:
+    """Capture options of a request at `detail`; None at NONE: served as stock vLLM."""
+    return CaptureOptions(rid=rid, detail=detail) if detail > Detail.NONE else None
+
+
+def _audit_token(new: NewToken) -> "pb2.Token":
+    """One replayed completion token -> its Token message (text is filled in once all ids are known)."""
+    token = pb2.Token(index=new.index, token_id=new.token_id)
+    if new.attr is not None:
+        token.attribution.CopyFrom(attribution_to_proto(new.attr))
+        token.logprob = new.attr.host_logprob
+    return token

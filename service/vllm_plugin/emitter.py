@@ -1,0 +1,284 @@
+"""The emitter: runs the probe over captured rows and sends the records, off the engine's step.
+
+Scheduling (which work first), threads and CPU placement live here; the rows come from the step
+phases in capture.py, and what is sent is a wire.StepMessage (alignlens.service.engine.wire).
+
+Work items: a step's generation rows form one item; its replay rows (Audit) are cut into pieces
+of REPLAY_PIECE_ROWS. Generation items always go first (a client waits on each of those tokens,
+while an audit's rows are needed only once the whole replay is done).
+
+When the probe fails for an item, every row that asked for attribution gets an error record
+instead (TokenRecord.error), so the request fails at once with the reason rather than waiting
+for its records until a timeout.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from alignlens.probe.record import Detail
+from alignlens.service.engine.wire import Kind, StepMessage, TokenRecord
+from alignlens.service.vllm_plugin.rows import Row
+from alignlens.service.vllm_plugin.state import STATE
+
+log = logging.getLogger(__name__)
+
+# Work items of the emitter. Generation rows go first: a client is waiting on each of those
+# tokens, while an audit's rows are only needed once its whole replay is done. Replay rows go
+# in pieces of REPLAY_PIECE_ROWS (one message each), so a step's generation rows never wait
+# behind more than one piece (~0.13 s of probe on SmolLM2-135M) of a long audit.
+GEN_PRIORITY, REPLAY_PRIORITY = 0, 1
+REPLAY_PIECE_ROWS = 64
+
+
+def split_step(rows: list[Row], tensors: torch.Tensor) -> list[tuple[int, list[Row], torch.Tensor]]:
+    """(priority, rows, tensors) work items of one step: its GEN rows, then its REPLAY rows in pieces."""
+    gen = [i for i, r in enumerate(rows) if r.kind == Kind.GEN]
+    if len(gen) == len(rows):
+        return [(GEN_PRIORITY, rows, tensors)]
+    items = []
+    if gen:
+        items.append((GEN_PRIORITY, [rows[i] for i in gen],
+                      tensors.index_select(0, torch.tensor(gen, dtype=torch.long, device=tensors.device))))
+        replay = [i for i, r in enumerate(rows) if r.kind != Kind.GEN]
+        rows = [rows[i] for i in replay]
+        tensors = tensors.index_select(0, torch.tensor(replay, dtype=torch.long, device=tensors.device))
+    for s in range(0, len(rows), REPLAY_PIECE_ROWS):
+        items.append((REPLAY_PRIORITY, rows[s:s + REPLAY_PIECE_ROWS], tensors[s:s + REPLAY_PIECE_ROWS]))
+    return items
+
+
+def _attribute(rows: list[Row], want: list[int], resid: torch.Tensor, mid: torch.Tensor) -> list:
+    """The probe over rows `want` (all asked for attribution): TokenAttribution per row."""
+    st = STATE
+    tokens = torch.tensor([rows[i].token for i in want], dtype=torch.long, device=resid.device)
+    if st.fail_probe_token is not None and st.fail_probe_token in tokens.tolist():
+        raise RuntimeError(f"injected probe failure for token {st.fail_probe_token} "
+                           "(ALIGNLENS_TEST_FAIL_PROBE_TOKEN)")
+    sel = torch.tensor(want, dtype=torch.long, device=resid.device)
+    detail = Detail.FULL if max(rows[i].detail for i in want) >= Detail.FULL else Detail.SUMMARY
+    logits = None
+    if all(rows[i].logits is not None for i in want):
+        logits = torch.stack([rows[i].logits for i in want])
+    return st.attributor(resid.index_select(0, sel), mid.index_select(0, sel), tokens, detail=detail, logits=logits)
+
+
+def build_message(step: int, rows: list[Row], tensors: torch.Tensor) -> StepMessage | None:
+    """Run the probe once over the rows that asked for it; the step message (None: nothing to send).
+
+    tensors: [rows, 2L+1, d], the stream [h_0, m_1, h_1, ..., m_L, h_L] of each row.
+    """
+    keep = [i for i, r in enumerate(rows) if r.token is not None and r.token >= 0]
+    resid = tensors[:, 0::2]  # [rows, L+1, d]
+    mid = tensors[:, 1::2]  # [rows, L, d]
+    attrs: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    attr_seconds = 0.0
+    want = [i for i in keep if rows[i].detail > Detail.NONE]
+    if want and STATE.attributor is not None:
+        t0 = time.perf_counter()
+        try:
+            attrs = dict(zip(want, _attribute(rows, want, resid, mid)))
+        except Exception as exc:  # noqa: BLE001 - reported to the requests, not only to the log
+            log.exception("alignlens: attribution of step %d failed", step)
+            errors = {i: f"{type(exc).__name__}: {exc}" for i in want}
+        attr_seconds = time.perf_counter() - t0
+    ship_any = any(rows[i].ship_resid for i in keep)
+    resid_cpu = resid.detach().to("cpu").contiguous() if ship_any else None
+    mid_cpu = mid.detach().to("cpu").contiguous() if ship_any else None
+    records = []
+    for i in keep:
+        r = rows[i]
+        rec = TokenRecord(rid=r.rid, kind=r.kind, index=r.index, token=r.token, attr=attrs.get(i),
+                          error=errors.get(i))
+        if r.ship_resid:
+            rec.resid = resid_cpu[i].numpy().tobytes()
+            rec.resid_mid = mid_cpu[i].numpy().tobytes()
+        records.append(rec)
+    if not records:
+        return None
+    return StepMessage(step=step, attr_seconds=attr_seconds, n_blocks=mid.shape[1], d_model=tensors.shape[-1],
+                       dtype=str(np.dtype(str(tensors.dtype).removeprefix("torch."))), records=records)
+
+
+def error_message(step: int, rows: list[Row], exc: BaseException) -> StepMessage | None:
+    """Error records for every row of an item whose message could not be built at all."""
+    reason = f"{type(exc).__name__}: {exc}"
+    records = [TokenRecord(rid=r.rid, kind=r.kind, index=r.index, token=r.token, error=reason)
+               for r in rows if r.token is not None and r.token >= 0]
+    return StepMessage(step=step, attr_seconds=0.0, n_blocks=0, d_model=0, dtype="float32",
+                       records=records) if records else None
+
+
+def send_message(message: StepMessage | None) -> None:
+    st = STATE
+    if st.sender is not None and message is not None:
+        st.sender.send(message)
+        st.rows_sent += len(message.records)
+        st.error_records += sum(1 for r in message.records if r.error is not None)
+
+
+def emit_step(step: int, rows: list[Row], tensors: torch.Tensor) -> None:
+    """Inline emission (no background emitter): probe, then PUSH one message."""
+    try:
+        message = build_message(step, rows, tensors)
+    except Exception as exc:  # noqa: BLE001 - the requests get the error
+        log.exception("alignlens: step %d could not be emitted", step)
+        message = error_message(step, rows, exc)
+    send_message(message)
+
+
+@dataclass(eq=False)
+class _WorkItem:
+    step: int
+    rows: list[Row]
+    tensors: torch.Tensor
+    taken_at: float = 0.0  # when the idle-core helper took it (0: not taken by the helper)
+    stolen: bool = False  # the emitter thread is computing it too
+    sent: bool = False
+
+
+STEAL_AFTER_S = 0.25  # a helper item older than this is recomputed by the emitter thread when it is idle
+ENGINE_IDLE_S = 0.01  # the helper takes a piece only when no step ran for this long
+
+
+def _name_os_thread(name: str) -> None:
+    """Name the calling thread for the OS (top -H, ps -L, /proc/*/task/*/comm; 15 bytes at most)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _engine_idle() -> bool:
+    st = STATE
+    return not st.in_step and time.monotonic() - st.step_ended_at > ENGINE_IDLE_S
+
+
+class BackgroundEmitter:
+    """Runs the probe off the engine's critical path: generation rows first, then replay pieces,
+    FIFO within each (see split_step).
+
+    The rows were copied out of the model's buffers in phase 2, so step t+1 can run while the
+    probe works on step t. Records reach the server slightly after their tokens; it joins by index.
+
+    Threads (CPU; vLLM pins the worker to its cores and leaves the others mostly idle):
+    - the emitter thread moves to the cores the worker is not pinned to and takes every item;
+    - the idle-core helper sits on the worker's own cores at SCHED_IDLE priority (Linux runs
+      it only when those cores have nothing else to do: the engine's steps are not slowed) and
+      takes replay pieces only. When the engine is idle, e.g. after an Audit's last prefill
+      chunk, the two threads split the remaining pieces. A piece the helper holds while the
+      engine keeps its core busy would wait; once the emitter thread is idle it recomputes any
+      helper piece older than STEAL_AFTER_S, and whichever finishes first sends it.
+    For an Audit this pipelines the replay: with chunked prefill the probe attributes chunk c
+    while the engine computes chunk c+1, and both cores finish the last chunk.
+    """
+
+    def __init__(self, idle_helper: bool = True):
+        self._gen: collections.deque[_WorkItem] = collections.deque()
+        self._replay: collections.deque[_WorkItem] = collections.deque()
+        self._helper_items: list[_WorkItem] = []
+        self._cv = threading.Condition()
+        self._send_lock = threading.Lock()  # one sender socket, two threads; first finisher sends
+        self._busy = 0
+        worker_cpus = os.sched_getaffinity(0)
+        self._cpus = set(range(os.cpu_count() or 1)) - worker_cpus
+        self._thread = threading.Thread(target=self._run, args=(False, self._cpus), name="alignlens-emitter",
+                                        daemon=True)
+        self._thread.start()
+        self.helper = None
+        if idle_helper and self._cpus and hasattr(os, "SCHED_IDLE"):
+            self.helper = threading.Thread(target=self._run, args=(True, worker_cpus), name="alignlens-idle-helper",
+                                           daemon=True)
+            self.helper.start()
+
+    def _run(self, helper: bool, cpus: set[int]) -> None:
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)  # this thread only
+                if helper:
+                    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except OSError as exc:
+                log.warning("alignlens %s could not move to cores %s: %s", "idle helper" if helper else "emitter",
+                            sorted(cpus), exc)
+                if helper:
+                    return  # a helper at normal priority would slow the engine's own steps
+        _name_os_thread("alignlens-idle" if helper else "alignlens-emit")
+        torch.set_num_threads(1)
+        while True:
+            item = self._take(helper)
+            try:
+                try:
+                    message = build_message(item.step, item.rows, item.tensors)
+                except Exception as exc:  # noqa: BLE001 - the requests get the error; later steps go on
+                    log.exception("alignlens: step %d could not be emitted", item.step)
+                    message = error_message(item.step, item.rows, exc)
+                with self._send_lock:
+                    if not item.sent:
+                        item.sent = True
+                        send_message(message)
+            except Exception:  # noqa: BLE001 - the socket failed: nothing more can reach the server
+                log.exception("alignlens: records of step %d could not be sent", item.step)
+            finally:
+                with self._cv:
+                    self._busy -= 1
+                    if helper:
+                        self._helper_items.remove(item)
+                    self._cv.notify_all()
+
+    def _take(self, helper: bool) -> _WorkItem:
+        with self._cv:
+            while True:
+                if not helper and self._gen:
+                    item = self._gen.popleft()
+                elif self._replay and (not helper or _engine_idle()):
+                    item = self._replay.popleft()
+                    if helper:
+                        item.taken_at = time.monotonic()
+                        self._helper_items.append(item)
+                elif not helper and (item := self._stuck_helper_item()) is not None:
+                    item.stolen = True
+                else:
+                    self._cv.wait(timeout=ENGINE_IDLE_S if helper else STEAL_AFTER_S / 2)
+                    continue
+                self._busy += 1
+                return item
+
+    def _stuck_helper_item(self) -> _WorkItem | None:
+        now = time.monotonic()
+        for item in self._helper_items:
+            if not item.stolen and not item.sent and now - item.taken_at > STEAL_AFTER_S:
+                return item
+        return None
+
+    def submit(self, step: int, rows: list[Row], tensors: torch.Tensor, priority: int = GEN_PRIORITY) -> None:
+        with self._cv:
+            (self._gen if priority == GEN_PRIORITY else self._replay).append(_WorkItem(step, rows, tensors))
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Block until nothing is queued or running (tests, shutdown); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cv:
+            while self._gen or self._replay or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(timeout=left)
+            return True
+
+    @property
+    def backlog(self) -> int:
+        return len(self._gen) + len(self._replay)
+
+
