@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+from alignlens.probe.model import ProbeConfig, ProbeModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from alignlens.probe.model import ProbeConfig, ProbeModel
 
 FORMAT_VERSION = "alignlens-probe-v1"
 HEADER_KEY = "alignlens_probe"
@@ -98,10 +96,6 @@ def update_metadata(path: str | Path, **fields) -> dict:
     save_file(state, str(path), metadata={HEADER_KEY: json.dumps(meta, sort_keys=True)})
     sidecar_path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return meta
-
-
-def state_bytes(model: ProbeModel) -> int:
-    return sum(v.numel() * 4 for v in model.state_dict().values() if isinstance(v, torch.Tensor))
 
 
 SHIPPED_ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # probes shipped in the package

@@ -31,15 +31,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-from tqdm import tqdm
-
 from alignlens.probe.attribution import Attributor
 from alignlens.probe.data import TokenSet, build_dataset, prompt_indices, read_prompt
 from alignlens.probe.fast_ablation import FastAblator
 from alignlens.probe.model import ProbeModel, readout_logits
-from alignlens.probe.prompts import encode_row, read_prompts, split
 from alignlens.probe.paths import alignlens_home
+from alignlens.probe.prompts import encode_row, read_prompts, split
+from torch import Tensor, nn
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

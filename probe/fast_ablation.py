@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
-
 from alignlens.probe.ablation import DecisionAblator
+from torch import Tensor, nn
 
 
 class FastAblator(DecisionAblator):

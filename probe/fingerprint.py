@@ -18,7 +18,6 @@ import hashlib
 import json
 
 import torch
-
 from alignlens.probe.host import Host
 
 FINGERPRINT_VERSION = "alignlens-host-v1"

@@ -19,7 +19,6 @@ Weight families per layer (METHOD.md section 3):
 
 RESID = "resid"
 RESID_MID = "resid_mid"
-CAPTURED = (RESID, RESID_MID)
 
 FAMILIES: tuple[str, str, str] = ("qkv", "attn_out", "mlp_in")
 FAMILY_INDEX = {name: i for i, name in enumerate(FAMILIES)}

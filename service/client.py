@@ -19,10 +19,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from alignlens.service.protos import MAX_MESSAGE_BYTES, load
 from alignlens.service.server.convert import DETAIL_BY_NAME
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pb2, pb2_grpc = load()
 

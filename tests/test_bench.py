@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tests.support.tiny import make_probe_artifact
 from tools.serve_process import REPO
 

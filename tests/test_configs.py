@@ -3,8 +3,8 @@ settings to the `alignlens serve` it starts."""
 
 import argparse
 
-from alignlens.service.cli.serve import FIXED_ENGINE_FIELDS
 from alignlens.service.cli.configs import add_config_args, config_from_args, config_to_args
+from alignlens.service.cli.serve import FIXED_ENGINE_FIELDS
 from alignlens.service.engine.config import EngineConfig
 
 

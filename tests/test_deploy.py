@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.support.prometheus_harness import PrometheusServer, PromQLError, free_port
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.support.prometheus_harness import PrometheusServer
 from test_deploy import METRICS, RULE_FILES
-from tests.support.tiny import make_probe_artifact
 
+from tests.support.prometheus_harness import PrometheusServer
+from tests.support.tiny import make_probe_artifact
 from tools.serve_process import REPO, ServeProcess, ServeProcessError
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,6 @@ def _require_server() -> None:
 def _traffic(address: str) -> dict:
     """The client's own account of what it sent and received."""
     import grpc
-
     from alignlens.service.protos import load
 
     pb2, pb2_grpc = load()

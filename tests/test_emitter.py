@@ -8,14 +8,17 @@ import threading
 import time
 
 import pytest
-
 import torch
-
 from alignlens.probe.record import Detail
 from alignlens.service.engine.wire import Kind
 from alignlens.service.vllm_plugin import emitter as capture
-from alignlens.service.vllm_plugin.emitter import (GEN_PRIORITY, REPLAY_PIECE_ROWS, REPLAY_PRIORITY, BackgroundEmitter,
-                                                   split_step)
+from alignlens.service.vllm_plugin.emitter import (
+    GEN_PRIORITY,
+    REPLAY_PIECE_ROWS,
+    REPLAY_PRIORITY,
+    BackgroundEmitter,
+    split_step,
+)
 from alignlens.service.vllm_plugin.rows import Row
 
 GEN, REPLAY = Kind.GEN, Kind.REPLAY

@@ -9,7 +9,6 @@ Tests run in file order; the last one drains the shared server with SIGTERM.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import signal
 import subprocess
@@ -20,11 +19,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from tests.support.tiny import make_probe_artifact
-
 from alignlens.service.client import AttributionClient, field_violations, pb2
 from alignlens.service.server.convert import token_to_dict
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.tiny import make_probe_artifact
 from tools.serve_process import REPO, ServeProcess, ServeProcessError, free_port
 
 MAX_MODEL_LEN = 512
@@ -113,12 +112,11 @@ def test_record_and_proto_fields_match():
 
 
 def test_health_reflection_and_model_info(server, tiny_llama, probe_path):
+    from alignlens.probe.fingerprint import host_fingerprint
+    from alignlens.probe.host import Host
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
     )
-
-    from alignlens.probe.fingerprint import host_fingerprint
-    from alignlens.probe.host import Host
 
     # health answered during the engine's start-up (the event loop is not blocked by it; a check
     # may still time out on a busy machine, so only the answer is required)
@@ -362,6 +360,26 @@ def test_full_queue_is_resource_exhausted(server):
     assert server.wait_metric("alignlens_requests_waiting", 0) == 0
 
 
+def test_detail_none_is_served_as_stock(server):
+    """Generate and Audit at detail NONE never reach the capture path: no records leave the worker,
+    no buffer opens; the tokens still come with vLLM's logprobs. SUMMARY right after does capture."""
+    def records() -> float:
+        return server.metrics()[("alignlens_capture_records_total", ())]
+
+    before = records()
+    tokens, fin = _generate(server.client, PROMPTS[0], max_tokens=6, temperature=0.0, ignore_eos=True, detail="none")
+    assert len(tokens) == 6 == fin.completion_tokens
+    assert all(t["attribution"] is None and t["logprob"] is not None for t in tokens)
+    audit = server.client.audit(fin.prompt_token_ids, [t["token_id"] for t in tokens], detail="none")
+    assert [t.token_id for t in audit.tokens] == [t["token_id"] for t in tokens]
+    assert not any(t.HasField("attribution") for t in audit.tokens)
+    time.sleep(0.5)  # a record would have arrived by now
+    assert records() == before, "a detail NONE request shipped capture records"
+    assert server.metrics()[("alignlens_capture_open_requests", ())] == 0
+    _generate(server.client, PROMPTS[0], max_tokens=3, temperature=0.0, ignore_eos=True, detail="summary")
+    assert records() >= before + 3
+
+
 def test_metrics_parse_with_the_right_names(server):
     m = server.metrics()
     names = {name for name, _labels in m}
@@ -371,6 +389,7 @@ def test_metrics_parse_with_the_right_names(server):
         assert {base + "_bucket", base + "_count", base + "_sum"} <= names, base
     for counter in ("alignlens_requests_total", "alignlens_prompt_tokens_total", "alignlens_generation_tokens_total",
                     "alignlens_attributed_tokens_total", "alignlens_probe_top1_total",
+                    "alignlens_capture_records_total", "alignlens_attribution_errors_total",
                     "alignlens_family_importance_share_total"):
         assert counter in names, counter
     assert m[("alignlens_queue_capacity", ())] == MAX_QUEUE
@@ -381,6 +400,7 @@ def test_metrics_parse_with_the_right_names(server):
     attributed = m[("alignlens_attributed_tokens_total", ())]
     assert attributed > 0 and 0 <= m[("alignlens_probe_top1_total", ())] <= attributed
     assert m[("alignlens_attribution_step_seconds_count", ())] > 0
+    assert m[("alignlens_attribution_errors_total", ())] == 0
     L = server.client.model_info().n_layers
     buckets = [float(dict(labels)["le"]) for name, labels in m if name == "alignlens_crystallization_depth_bucket"]
     assert sorted(buckets) == [*map(float, range(L + 2)), math.inf]

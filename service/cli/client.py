@@ -86,7 +86,6 @@ def _rpc_error(err) -> dict:
 
 def run_generate(args: argparse.Namespace) -> int:
     import grpc
-
     from alignlens.service.server.convert import attribution_from_proto, dominant_family, token_to_dict
 
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
@@ -141,9 +140,8 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def run_audit(args: argparse.Namespace) -> int:
     import grpc
-    from tqdm import tqdm
-
     from alignlens.service.server.convert import token_to_dict
+    from tqdm import tqdm
 
     rows = _read_jsonl(args.inp)
     with _connect(args) as client:

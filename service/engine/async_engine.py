@@ -221,8 +221,3 @@ class _aborting:
     async def __aexit__(self, *exc) -> None:
         if not self.state.finished:
             await self.llm.abort(self.rid)
-
-
-def run_async(coro):
-    """asyncio.run with the spawn-safe loop policy vLLM expects."""
-    return asyncio.run(coro)

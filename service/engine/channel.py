@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
-
 from alignlens.service.engine.wire import Kind, RecordError, StepMessage, TokenRecord, decode_step, encode_step
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ class CaptureSink:
         self._task: asyncio.Task | None = None
         self._on_step = on_step
         self.dropped_records = 0
-        self.steps_received = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._pump(), name="capture-sink")
@@ -75,7 +73,6 @@ class CaptureSink:
         while True:
             payload = await self._sock.recv()
             message = decode_step(payload)
-            self.steps_received += 1
             if self._on_step is not None:
                 self._on_step(message)
             for rec in message.records:

@@ -11,13 +11,11 @@ with metadata {model, dtype, vllm_version, prompts, max_tokens, temperature, ...
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-
 from alignlens.probe.data import write_trace
 from alignlens.probe.names import RESID, RESID_MID
 from alignlens.probe.prompts import encode_prompt

@@ -18,7 +18,6 @@ importance is 0.
 from __future__ import annotations
 
 import msgspec
-
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import Detail, Direction, TokenAttribution
 from alignlens.service.protos import load

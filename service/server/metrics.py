@@ -20,6 +20,10 @@ all 0 when nothing is in flight, else a leak):
     alignlens_capture_open_requests        gauge      requests with a server-side record buffer
     alignlens_capture_buffered_records     gauge      records received but not yet streamed
     alignlens_capture_worker_requests      gauge      requests the worker still tracks
+    alignlens_capture_records_total        counter    records received from the worker (0 for requests
+                                                      at detail NONE: those are served as stock vLLM)
+    alignlens_attribution_errors_total     counter    records the worker sent with an error instead of an
+                                                      attribution (the probe failed; the request got INTERNAL)
 Attribution (the quality signals are counted over live Generate tokens only: audited text is
 teacher-forced, so its tokens need not be the host's own choice):
     alignlens_attribution_step_seconds        histogram  probe time of one engine step (worker)
@@ -33,12 +37,11 @@ teacher-forced, so its tokens need not be the host's own choice):
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import TokenAttribution
 from alignlens.service.engine.wire import StepMessage
 from alignlens.service.server.convert import family_shares
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Latency buckets (seconds): from a tiny model's sub-millisecond steps to a loaded 7B server.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -81,6 +84,11 @@ class ServiceMetrics:
                                       "Capture records received from the worker and not yet streamed.", registry=r)
         self.capture_worker = Gauge("alignlens_capture_worker_requests",
                                     "Requests the worker's capture state still tracks.", registry=r)
+        self.capture_records = Counter("alignlens_capture_records", "Records received from the worker.",
+                                       registry=r)
+        self.attribution_errors = Counter("alignlens_attribution_errors",
+                                          "Records the worker sent with an error instead of an attribution.",
+                                          registry=r)
         self.attribution_step = Histogram("alignlens_attribution_step_seconds",
                                           "Probe time of one engine step, measured in the worker.",
                                           buckets=_STEP, registry=r)
@@ -109,7 +117,12 @@ class ServiceMetrics:
             self._server = None
 
     def on_step(self, message: StepMessage) -> None:
-        """Side-channel step callback: attribution time of steps that attributed something."""
+        """Side-channel step callback: records, errors, and the attribution time of steps that
+        attributed something."""
+        self.capture_records.inc(len(message.records))
+        errors = sum(1 for rec in message.records if rec.error is not None)
+        if errors:
+            self.attribution_errors.inc(errors)
         if any(rec.attr is not None for rec in message.records):
             self.attribution_step.observe(message.attr_seconds)
 

@@ -24,16 +24,16 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
-
-from alignlens.service.server import errors
-from alignlens.service.server import validation
-from alignlens.service.server.admission import Admission
-from alignlens.service.tokens import TokenText
-from alignlens.service.engine.async_engine import CaptureEngine
-from alignlens.service.server.errors import Unavailable
-from alignlens.service.server.convert import attribution_to_proto
-from alignlens.service.server.metrics import ServiceMetrics
+from alignlens.probe.record import Detail
+from alignlens.service.engine.async_engine import CaptureEngine, NewToken
+from alignlens.service.engine.wire import CaptureOptions
 from alignlens.service.protos import load
+from alignlens.service.server import errors, validation
+from alignlens.service.server.admission import Admission
+from alignlens.service.server.convert import attribution_to_proto
+from alignlens.service.server.errors import Unavailable
+from alignlens.service.server.metrics import ServiceMetrics
+from alignlens.service.tokens import TokenText
 
 pb2, pb2_grpc = load()
 log = logging.getLogger(__name__)

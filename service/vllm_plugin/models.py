@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from itertools import islice
 
+from alignlens.service.vllm_plugin import capture, internals
 from vllm.model_executor.models import gpt2 as vllm_gpt2
 from vllm.model_executor.models import qwen2 as vllm_qwen2
 from vllm.model_executor.models.gpt2 import GPT2LMHeadModel, GPT2Model
@@ -31,8 +32,6 @@ from vllm.model_executor.models.mistral import (
     MistralModel,
 )
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
-
-from alignlens.service.vllm_plugin import capture, internals
 
 
 def _require_single_stage() -> None:

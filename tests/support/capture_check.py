@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from alignlens.probe.replica import capture_replica, decoder_layers
+from transformers import AutoModelForCausalLM
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -38,16 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_probe(model: str) -> str | None:
     """The shipped probe trained for `model` (the server's `--probe auto` rule), if any."""
-    from alignlens.service.server.model_info import choose_probe, host_facts
     from alignlens.service.modelstore import resolve_model
+    from alignlens.service.server.model_info import choose_probe, host_facts
 
     choice = choose_probe("auto", host_facts(resolve_model(model)))
     return str(choice.path) if choice.path else None
 
 
 def run(args: argparse.Namespace) -> int:
-    from tools.bench.engines import bench_engines, markdown_table
     from alignlens.service.modelstore import resolve_model
+
+    from tools.bench.engines import bench_engines, markdown_table
 
     config = config_from_args(EngineConfig, args)
     modes = [m for m in args.modes.split(",") if m]
@@ -62,11 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     report["cost_model"] = cost_model(str(resolve_model(config.model)), probe)
     if args.service:
+        from alignlens.service.cli.configs import config_to_args
+        from alignlens.service.cli.serve import FIXED_ENGINE_FIELDS
+
         from tools.bench.engines import BENCH_PROMPTS
         from tools.bench.service import bench_service
-
-        from alignlens.service.cli.serve import FIXED_ENGINE_FIELDS
-        from alignlens.service.cli.configs import config_to_args
 
         # the server runs with the same vLLM settings as the engine-level runs (bench_service adds --model)
         serve_args = config_to_args(config, exclude=("model", *FIXED_ENGINE_FIELDS))
