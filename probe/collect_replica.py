@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-from alignlens.probe.data import gradients_path, labels_path, prompt_indices, read_prompt, write_trace
+from alignlens.probe.data import decision_inputs, gradients_path, labels_path, prompt_indices, read_prompt, write_trace
 from alignlens.probe.fast_ablation import FastAblator
+from alignlens.probe.names import RESID, RESID_MID
 from alignlens.probe.replica import capture_replica
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -62,7 +63,7 @@ def capture(model: nn.Module, prompt_ids: list[int], token_ids: list[int]) -> di
     P, T = len(prompt_ids), len(token_ids)
     rows = slice(P - 1, P - 1 + T)
     return {"prompt_token_ids": torch.tensor(prompt_ids), "token_ids": torch.tensor(token_ids),
-            "resid": resid[rows].contiguous(), "resid_mid": mid[rows].contiguous()}
+            RESID: resid[rows].contiguous(), RESID_MID: mid[rows].contiguous()}
 
 
 def collect(model: nn.Module, prompt_ids: list[list[int]], max_tokens: int, temperature: float,
@@ -96,9 +97,7 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
         rows = torch.randperm(T, generator=gen)[:rows_per_prompt].sort().values  # drawn even if skipped
         if f"{i}.rows" in labels:
             continue
-        P = rec["prompt_token_ids"].shape[0]
-        seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
-        base, drop = ablator.drops(seq, P - 1 + rows, rec["token_ids"][rows])
+        base, drop = ablator.drops(*decision_inputs(rec, rows))
         labels.add({f"{i}.rows": rows, f"{i}.drop": drop.float(), f"{i}.base_logprob": base.float()})
     return labels.save()
 
@@ -142,11 +141,9 @@ def label_gradients(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trac
         if f"{i}.gamma" in labels:
             continue
         rec = read_prompt(trace_path, i)
-        P, T = rec["prompt_token_ids"].shape[0], rec["token_ids"].shape[0]
-        seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
+        T = rec["token_ids"].shape[0]
         parts = []
         for s in range(0, T, max_rows):
-            rows = torch.arange(s, min(T, s + max_rows))
-            parts.append(ablator.linearized(seq, P - 1 + rows, rec["token_ids"][rows])[1])
+            parts.append(ablator.linearized(*decision_inputs(rec, torch.arange(s, min(T, s + max_rows))))[1])
         labels.add({f"{i}.gamma": torch.cat(parts).float().contiguous()})
     return labels.save()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.host import Host
-from alignlens.probe.names import FAMILY_INDEX
+from alignlens.probe.names import FAMILY_INDEX, RESID, RESID_MID
 from alignlens.probe.svd import READERS, SvdFactors
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -102,7 +102,15 @@ def read_prompt(trace_path: str | Path, i: int) -> dict[str, Tensor]:
     """The four tensors of prompt i of a trace file."""
     with safe_open(str(trace_path), "pt") as f:
         return {name: f.get_tensor(f"{i}.{name}")
-                for name in ("prompt_token_ids", "token_ids", "resid", "resid_mid")}
+                for name in ("prompt_token_ids", "token_ids", RESID, RESID_MID)}
+
+
+def decision_inputs(rec: dict[str, Tensor], rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For token rows `rows` [R] of one trace prompt: (the full sequence prompt + tokens [P+T], the
+    positions deciding those tokens [R] (the one before each: P - 1 + row), their token ids [R])."""
+    P = rec["prompt_token_ids"].shape[0]
+    seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
+    return seq, P - 1 + rows, rec["token_ids"][rows]
 
 
 def trace_metadata(trace_path: str | Path) -> dict:
@@ -143,7 +151,7 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
     top_k must be the probe's K: it defines the candidate set and the softmax expectation inside
     g_out. Features and host targets are computed in chunks of `chunk` rows.
     """
-    names = ("resid", "alpha", "g_out", "token_ids", "cand_ids", "cand_logits", "host_logprob", "prompt_index",
+    names = (RESID, "alpha", "g_out", "token_ids", "cand_ids", "cand_logits", "host_logprob", "prompt_index",
              "lin", "drop")
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     total, offset = 0, 0
@@ -159,7 +167,7 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
                 T = max_tokens - total
             if T <= 0:
                 break
-            resid, mid, ys = rec["resid"][:T].float(), rec["resid_mid"][:T].float(), rec["token_ids"][:T]
+            resid, mid, ys = rec[RESID][:T].float(), rec[RESID_MID][:T].float(), rec["token_ids"][:T]
             for s in range(0, T, chunk):
                 sl = slice(s, s + chunk)
                 alpha = alignment_features(host, factors.proj, resid[sl], mid[sl])
@@ -170,7 +178,7 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
                 parts["cand_ids"].append(c_ids)
                 parts["cand_logits"].append(c_logits)
                 parts["host_logprob"].append(lp_y)
-            parts["resid"].append(resid)
+            parts[RESID].append(resid)
             parts["token_ids"].append(ys)
             parts["prompt_index"].append(torch.full((T,), offset + i, dtype=torch.long))
             drop = torch.full((T, L, 3), float("nan"))

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 from alignlens.probe.attribution import Attributor
-from alignlens.probe.data import TokenSet, build_dataset, prompt_indices, read_prompt
+from alignlens.probe.data import TokenSet, build_dataset, decision_inputs, prompt_indices, read_prompt
 from alignlens.probe.fast_ablation import FastAblator
 from alignlens.probe.model import ProbeModel, readout_logits
+from alignlens.probe.names import RESID_MID
 from alignlens.probe.paths import alignlens_home
 from alignlens.probe.prompts import encode_row, read_prompts, split
 from torch import Tensor, nn
@@ -163,11 +164,10 @@ def evaluate(att: Attributor, model_tf: nn.Module, trace_path: str | Path, token
         take = min(T, ablation_tokens - sum(len(r) for r in rows_used), len(data) - offset)
         if take <= 0:
             break
-        P = rec["prompt_token_ids"].shape[0]
-        seq = torch.cat([rec["prompt_token_ids"], rec["token_ids"]])
         t = torch.arange(take)
-        _, drop = ablator.drops(seq, P - 1 + t, rec["token_ids"][t])
-        lin, _ = ablator.linearized(seq, P - 1 + t, rec["token_ids"][t])
+        inputs = decision_inputs(rec, t)
+        _, drop = ablator.drops(*inputs)
+        lin, _ = ablator.linearized(*inputs)
         drops.append(drop)
         lins.append(lin)
         rows_used.append(offset + t)
@@ -233,7 +233,7 @@ def _resid_mid_rows(trace_path: str | Path, idx: Tensor, data: TokenSet) -> Tens
         T = rec["token_ids"].shape[0]
         for t in range(T):
             if offset + t in wanted:
-                out.append(rec["resid_mid"][t].float())
+                out.append(rec[RESID_MID][t].float())
         offset += T
         if offset > max(wanted):
             break

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from alignlens.service.engine.channel import CaptureSink
 from alignlens.service.engine.config import EngineConfig, engine_args, prepare_environment
 from alignlens.service.engine.wire import CaptureOptions, Kind, StepMessage, TokenRecord
@@ -93,13 +94,14 @@ class CaptureEngine:
                 "dropped_records": self.sink.dropped_records} if self.sink else {}
         return {"worker": worker, "server": sink}
 
-    def _captured(self, options: CaptureOptions | None) -> CaptureOptions | None:
-        """The options to send (None: the request is served without capture, as stock vLLM)."""
+    def _captured(self, rid: str, options: CaptureOptions | None) -> CaptureOptions | None:
+        """The options to send, carrying the engine request id the records are routed by (None: the
+        request is served without capture, as stock vLLM)."""
         if options is None:
             return None
         if self.sink is None:
             raise RuntimeError("capture requested from an engine started without the capture plugin")
-        return options
+        return msgspec.structs.replace(options, rid=rid)
 
     async def generate(self, rid: str, prompt_token_ids: list[int], params,
                        options: CaptureOptions | None = None) -> AsyncIterator[tuple[Any, list[NewToken]]]:
@@ -109,7 +111,7 @@ class CaptureEngine:
         request's sink entry is closed on exit, including cancellation (the engine request is
         aborted first).
         """
-        options = self._captured(options)
+        options = self._captured(rid, options)
         if options is not None:
             params.extra_args = {**(params.extra_args or {}), **options.extra_args()}
             self.sink.open(rid)
@@ -118,14 +120,15 @@ class CaptureEngine:
         try:
             async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, rid):
                 ids = out.outputs[0].token_ids
+                n = len(ids)  # now: vLLM may append to this list while we wait for records below
                 if options is None:
-                    new = [NewToken(i, ids[i]) for i in range(emitted, len(ids))]
+                    new = [NewToken(i, ids[i]) for i in range(emitted, n)]
                 else:
                     new = []
-                    for i in range(emitted, len(ids)):
+                    for i in range(emitted, n):
                         message, record = await self.sink.take(rid, Kind.GEN, i)
                         new.append(NewToken(i, record.token, record, message))
-                emitted = len(ids)
+                emitted = n
                 finished = out.finished
                 yield out, new
         finally:
@@ -147,7 +150,7 @@ class CaptureEngine:
         from vllm import SamplingParams
 
         convert = convert or (lambda token: token)
-        options = self._captured(options)
+        options = self._captured(rid, options)
         if options is None:
             params = SamplingParams(max_tokens=1, temperature=0.0)
             async with _aborting(self.llm, rid) as state:
@@ -156,8 +159,7 @@ class CaptureEngine:
             return [convert(NewToken(j, t)) for j, t in enumerate(completion_ids)]
 
         # Every row must be computed to be captured: no reading of the prefix cache.
-        options = CaptureOptions(rid=options.rid, detail=options.detail, resid=options.resid,
-                                 replay_from=len(prompt_ids))
+        options = msgspec.structs.replace(options, replay_from=len(prompt_ids))
         params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
                                 extra_args=options.extra_args())
 

@@ -42,7 +42,7 @@ class Kind(str, enum.Enum):
 class CaptureOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     """Per-request capture options, from the server to the worker."""
 
-    rid: str  # the server's request id (vLLM appends its own suffix internally)
+    rid: str  # the engine request id records are routed by (CaptureEngine sets it; vLLM adds its own suffix internally)
     detail: Detail = Detail.NONE  # run the probe at this detail (NONE: rows only, e.g. for trace)
     resid: bool = False  # ship the bulk rows (`alignlens trace`)
     replay_from: int | None = None  # audit: capture the rows deciding prompt tokens replay_from..

@@ -210,7 +210,7 @@ class Server:
         prompt = list(range(1, 33))  # ids 1..32 exist in every vocabulary we serve
         plans = [("warmup", None)]  # the stock path (detail NONE), then the attributed one
         if attribution:
-            plans.append(("warmup-attr", CaptureOptions(rid="warmup-attr", detail=Detail.SUMMARY)))
+            plans.append(("warmup-attr", CaptureOptions(rid="", detail=Detail.SUMMARY)))  # rid: set by the engine
         for rid, options in plans:
             async for _out, _new in engine.generate(f"{rid}-gen", prompt, SamplingParams(
                     max_tokens=4, temperature=0.0, logprobs=0, ignore_eos=True), options):
