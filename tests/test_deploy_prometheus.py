@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from test_deploy import METRICS, RULE_FILES
 
 from tests.support.prometheus_harness import PrometheusServer
 from tests.support.tiny import make_probe_artifact
+from tests.test_deploy import METRICS, RULE_FILES
 from tools.serve_process import REPO, ServeProcess, ServeProcessError
 
 pytestmark = pytest.mark.slow
