@@ -41,6 +41,34 @@ def make_prompt(prompt: PromptLike) -> "pb2.Prompt":
     return pb2.Prompt(token_ids=pb2.TokenIds(ids=items))
 
 
+def intervention(block: int, family: str, directions: Sequence[int] = (), scale: float = 0.0,
+                 start_position: int = 0, end_position: int | None = None) -> "pb2.Intervention":
+    """An Intervention message: scale `family`'s ("qkv", "attn_out", "mlp_in") top directions of
+    `block` (1..L) by `scale` (0 ablates) from `start_position` on; empty `directions` = all k."""
+    msg = pb2.Intervention(block=block, family=pb2.Family.Value(f"FAMILY_{family.upper()}"),
+                           directions=list(directions), scale=scale, start_position=start_position)
+    if end_position is not None:
+        msg.end_position = end_position
+    return msg
+
+
+def parse_intervention(spec: str) -> "pb2.Intervention":
+    """`BLOCK:FAMILY[:DIRS[:SCALE[:START[:END]]]]` -> Intervention. DIRS is comma-separated indices or
+    empty / `all`; SCALE defaults to 0 (ablation). Example: `24:mlp_in:0,1:0` ablates directions 0 and 1."""
+    parts = spec.split(":")
+    if not 2 <= len(parts) <= 6:
+        raise ValueError(f"intervention {spec!r}: expected BLOCK:FAMILY[:DIRS[:SCALE[:START[:END]]]]")
+    try:
+        block, family = int(parts[0]), parts[1]
+        dirs = [] if len(parts) < 3 or parts[2] in ("", "all") else [int(d) for d in parts[2].split(",")]
+        scale = float(parts[3]) if len(parts) > 3 and parts[3] else 0.0
+        start = int(parts[4]) if len(parts) > 4 and parts[4] else 0
+        end = int(parts[5]) if len(parts) > 5 and parts[5] else None
+        return intervention(block, family, dirs, scale, start, end)
+    except ValueError as exc:
+        raise ValueError(f"intervention {spec!r}: {exc}") from None
+
+
 def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     """(field, description) pairs of an INVALID_ARGUMENT's google.rpc.BadRequest detail."""
     from google.rpc import error_details_pb2
@@ -108,21 +136,25 @@ class AttributionClient:
     def generate(self, prompt: PromptLike, *, max_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
                  stop: Sequence[str] = (), ignore_eos: bool = False, detail: str = "unspecified",
-                 request_id: str = "", timeout_s: float | None = None) -> GenerateStream:
-        """Start a Generate stream (unset sampling fields take the server's defaults)."""
+                 request_id: str = "", interventions: Sequence = (), timeout_s: float | None = None) -> GenerateStream:
+        """Start a Generate stream (unset sampling fields take the server's defaults). `interventions`:
+        pb2.Intervention messages (see `intervention`, `parse_intervention`)."""
         sampling = pb2.SamplingParameters(stop=list(stop), ignore_eos=ignore_eos)
         for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                             ("top_k", top_k), ("seed", seed)):
             if value is not None:
                 setattr(sampling, name, value)
         request = pb2.GenerateRequest(prompt=make_prompt(prompt), sampling=sampling, detail=DETAIL_BY_NAME[detail],
-                                      request_id=request_id)
+                                      request_id=request_id, interventions=list(interventions))
         return GenerateStream(self.stub.Generate(request, timeout=self._timeout(timeout_s)))
 
     def audit(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
-              request_id: str = "", timeout_s: float | None = None) -> "pb2.AuditResponse":
-        """Attribute a logged completion (text, or token ids for an exact replay)."""
-        request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id)
+              request_id: str = "", interventions: Sequence = (),
+              timeout_s: float | None = None) -> "pb2.AuditResponse":
+        """Attribute a logged completion (text, or token ids for an exact replay), optionally replayed
+        under `interventions`."""
+        request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id,
+                                   interventions=list(interventions))
         if isinstance(completion, str):
             request.completion_text = completion
         else:

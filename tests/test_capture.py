@@ -16,10 +16,14 @@ import sys
 
 import pytest
 import torch
+from alignlens.service.engine.wire import Intervention
 from safetensors import safe_open
 
 from tests.support.capture_check import check_rows, greedy_from_final, load_replica
 
+# the long prompt's intervention starts inside its second prefill chunk (64-token budget)
+INTERVENTIONS = (Intervention(block=2, family=2, scale=0.0, start=70),
+                 Intervention(block=1, family=1, directions=(0, 1), scale=2.0, start=0))
 PROMPTS = [
     "The capital of France is",
     "def add(a, b):\n    return",
@@ -88,11 +92,25 @@ async def _default_config_session(model_dir):
             if seen >= 2:
                 break
         await agen.aclose()
+        # an intervened request beside a plain one, the long prompt spanning several prefill chunks:
+        # the intervention starts inside the second chunk (positions are sequence positions)
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=0)
+        iv_opts = CaptureOptions(rid="", rows=False, interventions=INTERVENTIONS)
+
+        async def tokens_of(rid, prompt, opts):
+            out = None
+            async for out, _new in engine.generate(rid, prompt, params.clone(), opts):
+                pass
+            c = out.outputs[0]
+            return list(c.token_ids), [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]
+
+        intervened, beside = await asyncio.gather(tokens_of("iv-long", ids[2], iv_opts),
+                                                  tokens_of("iv-plain", ids[0], None))
         # one more request so the worker sees the abort in its next step
         await trace_with_engine(engine, [ids[1]], max_tokens=2)
         await asyncio.sleep(0.2)
         stats = await engine.stats()
-        return results, replay_resid, stats
+        return results, replay_resid, stats, ids, intervened, beside
     finally:
         engine.shutdown()
 
@@ -105,8 +123,20 @@ def engine_tokenize(model_dir, text):
 
 def test_default_config_compiled_multiprocessing(tiny_llama):
     """torch.compile + multiprocessing + AsyncLLM: values, concurrency, replay, abort."""
-    results, replay_resid, stats = asyncio.run(_default_config_session(tiny_llama))
+    results, replay_resid, stats, ids, intervened, beside = asyncio.run(_default_config_session(tiny_llama))
     model = load_replica(tiny_llama)
+    # interventions in the compiled forward, across prefill chunks, equal the replica's
+    from alignlens.probe.host import Host
+    from alignlens.probe.intervene import Spec, greedy
+    from alignlens.probe.svd import load_or_compute
+
+    host = Host.from_checkpoint(tiny_llama)
+    specs = [Spec(iv.block, iv.family, iv.directions, iv.scale, iv.start, iv.end) for iv in INTERVENTIONS]
+    tokens, logprobs = greedy(model, ids[2], 6, specs, load_or_compute(host).basis, host.attn_out_bias)
+    assert intervened[0] == tokens and max(abs(a - b) for a, b in zip(intervened[1], logprobs)) <= 1e-3
+    plain_tokens, plain_logprobs = greedy(model, ids[0], 6)
+    assert beside[0] == plain_tokens and max(abs(a - b) for a, b in zip(beside[1], plain_logprobs)) <= 1e-3
+    assert stats["worker"]["intervened_steps"] > 0
     for r in results:
         check_rows(model, r["prompt_token_ids"], r["token_ids"], r["resid"], r["resid_mid"])
         assert torch.equal(greedy_from_final(model, r["resid"]), r["token_ids"])

@@ -92,7 +92,7 @@ def _like_the_image(tmp_path: Path, read_only: list[Path]) -> tuple[list[str], d
     fails the start; HOME read-only; uid/gid 10001 in a user namespace (mapped to the test's own
     user outside, so this shows no need for uid 0 inside, not real isolation). Without it: no
     prefix, the same flags with scratch folders under tmp_path."""
-    from test_deploy import _image_env
+    from tests.test_deploy import _image_env
 
     env = dict(os.environ, ALIGNLENS_METRICS_HOST="127.0.0.1", PYTHONDONTWRITEBYTECODE="1")
     bwrap = _bubblewrap()

@@ -56,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--detail", choices=["unspecified", "none", "summary", "full"], default="unspecified",
                    help="attribution detail (default: summary when the server has a probe)")
+    g.add_argument("--intervene", action="append", default=[], metavar="BLOCK:FAMILY[:DIRS[:SCALE[:START[:END]]]]",
+                   help="scale a (block, family)'s top singular directions in this request's forward (repeatable): "
+                        "DIRS comma-separated indices or empty for all k, SCALE default 0 (ablate), START/END "
+                        "sequence positions; e.g. 24:mlp_in ablates block 24's mlp_in top-k")
     g.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     _common(g)
     g.set_defaults(func=run_generate)
@@ -86,13 +90,18 @@ def _rpc_error(err) -> dict:
 
 def run_generate(args: argparse.Namespace) -> int:
     import grpc
+    from alignlens.service.client import parse_intervention
     from alignlens.service.server.convert import attribution_from_proto, dominant_family, token_to_dict
 
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     with _connect(args) as client:
+        try:
+            interventions = [parse_intervention(spec) for spec in args.intervene]
+        except ValueError as exc:
+            raise SystemExit(f"alignlens generate: --intervene {exc}") from None
         stream = client.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
-                                 detail=args.detail)
+                                 detail=args.detail, interventions=interventions)
         try:
             if not args.json:
                 print(f"{'#':>4}  {'token':<18} {'logprob':>8}  {'cryst':>5}  dominant family", flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -112,16 +113,18 @@ class CaptureEngine:
         aborted first).
         """
         options = self._captured(rid, options)
+        records = options is not None and options.rows
         if options is not None:
             params.extra_args = {**(params.extra_args or {}), **options.extra_args()}
+        if records:
             self.sink.open(rid)
         emitted = 0
         finished = False
         try:
-            async for out in self.llm.generate({"prompt_token_ids": prompt_token_ids}, params, rid):
+            async for out in self.llm.generate(vllm_prompt(prompt_token_ids, options), params, rid):
                 ids = out.outputs[0].token_ids
                 n = len(ids)  # now: vLLM may append to this list while we wait for records below
-                if options is None:
+                if not records:
                     new = [NewToken(i, ids[i]) for i in range(emitted, n)]
                 else:
                     new = []
@@ -134,7 +137,7 @@ class CaptureEngine:
         finally:
             if not finished:
                 await self.llm.abort(rid)
-            if options is not None:
+            if records:
                 self.sink.close(rid)
 
     async def replay(self, rid: str, prompt_ids: list[int], completion_ids: list[int],
@@ -151,10 +154,11 @@ class CaptureEngine:
 
         convert = convert or (lambda token: token)
         options = self._captured(rid, options)
-        if options is None:
-            params = SamplingParams(max_tokens=1, temperature=0.0)
+        if options is None or not options.rows:
+            params = SamplingParams(max_tokens=1, temperature=0.0,
+                                    extra_args=options.extra_args() if options is not None else None)
             async with _aborting(self.llm, rid) as state:
-                async for out in self.llm.generate({"prompt_token_ids": prompt_ids + completion_ids}, params, rid):
+                async for out in self.llm.generate(vllm_prompt(prompt_ids + completion_ids, options), params, rid):
                     state.finished = out.finished
             return [convert(NewToken(j, t)) for j, t in enumerate(completion_ids)]
 
@@ -172,7 +176,7 @@ class CaptureEngine:
 
         async def run_engine() -> None:
             async with _aborting(self.llm, rid) as state:
-                async for out in self.llm.generate({"prompt_token_ids": prompt_ids + completion_ids}, params, rid):
+                async for out in self.llm.generate(vllm_prompt(prompt_ids + completion_ids, options), params, rid):
                     state.finished = out.finished
 
         self.sink.open(rid)
@@ -204,6 +208,16 @@ class CaptureEngine:
         self.llm = None
         if self.sink is not None:
             self.sink.shutdown()
+
+
+def vllm_prompt(token_ids: list[int], options: CaptureOptions | None) -> dict:
+    """vLLM's prompt dict. A request with interventions gets a prefix-cache salt naming them: its KV
+    blocks are neither read by requests without the same interventions nor served to them."""
+    prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
+    if options is not None and options.interventions:
+        digest = hashlib.sha256(msgspec.msgpack.encode(options.interventions)).hexdigest()[:32]
+        prompt["cache_salt"] = f"alignlens-iv-{digest}"
+    return prompt
 
 
 class _Finished:

@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 from alignlens.probe.record import Detail
-from alignlens.service.engine.async_engine import NewToken
+from alignlens.service.engine.async_engine import NewToken, vllm_prompt
 from alignlens.service.engine.channel import SyncCaptureSink
 from alignlens.service.engine.config import EngineConfig, engine_args, prepare_environment
-from alignlens.service.engine.wire import CaptureOptions
+from alignlens.service.engine.wire import CaptureOptions, Intervention
 
 
 class InprocCaptureEngine:
@@ -38,13 +38,18 @@ class InprocCaptureEngine:
         self.start_seconds = time.perf_counter() - t0
 
     def generate(self, prompt_ids: list[list[int]], params_list: list, *, detail: Detail = Detail.NONE,
-                 resid: bool = False) -> list[tuple[Any, list[NewToken]]]:
-        """Generate all prompts, captured; per prompt (RequestOutput, NewToken per output token)."""
+                 resid: bool = False, interventions: list[tuple[Intervention, ...]] | None = None,
+                 ) -> list[tuple[Any, list[NewToken]]]:
+        """Generate all prompts, captured; per prompt (RequestOutput, NewToken per output token).
+        `interventions[i]`: prompt i's interventions (none by default)."""
         rids = [f"inproc-{i}-{time.monotonic_ns()}" for i in range(len(prompt_ids))]
-        for rid, params in zip(rids, params_list):
-            options = CaptureOptions(rid=rid, detail=detail, resid=resid)
+        prompts = []
+        for i, (rid, params) in enumerate(zip(rids, params_list)):
+            options = CaptureOptions(rid=rid, detail=detail, resid=resid,
+                                     interventions=tuple(interventions[i]) if interventions else ())
             params.extra_args = {**(params.extra_args or {}), **options.extra_args()}
-        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params_list, use_tqdm=False)
+            prompts.append(vllm_prompt(prompt_ids[i], options))
+        outs = self.llm.generate(prompts, params_list, use_tqdm=False)
         expected = sum(len(o.outputs[0].token_ids) for o in outs)
         by_rid: dict[str, dict[int, NewToken]] = {rid: {} for rid in rids}
         for message, rec in self.sink.drain(expected):

@@ -5,8 +5,9 @@ Imported by both ends: the worker (alignlens.service.vllm_plugin) and the server
 server never imports worker code to speak to it.
 
 Server -> worker: `CaptureOptions`, carried in `SamplingParams.extra_args[OPTIONS_KEY]` as plain
-builtins (vLLM serializes SamplingParams itself). A request without that key is not captured at
-all: it is served exactly as stock vLLM (detail NONE sends none).
+builtins (vLLM serializes SamplingParams itself): what to capture and which `Intervention`s to
+apply. A request without that key is not touched at all: it is served exactly as stock vLLM
+(detail NONE without interventions sends none).
 
 Worker -> server: one `StepMessage` per emitter work item over the side channel
 (alignlens.service.engine.channel), msgpack-encoded from and decoded into these same Structs:
@@ -39,13 +40,27 @@ class Kind(str, enum.Enum):
     REPLAY = "replay"  # a given completion token of a teacher-forced audit (index: completion position)
 
 
+class Intervention(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Scale one (block, family)'s top singular directions over a range of positions (the proto's
+    Intervention, validated: alignlens.service.server.validation)."""
+
+    block: int  # 1..L
+    family: int  # index into probe.names.FAMILIES
+    directions: tuple[int, ...] = ()  # indices into the top-k basis; empty = all k
+    scale: float = 0.0  # the component along the directions is multiplied by this
+    start: int = 0  # first sequence position (prompt + completion, 0-based)
+    end: int | None = None  # exclusive; None = to the end
+
+
 class CaptureOptions(msgspec.Struct, frozen=True, omit_defaults=True):
-    """Per-request capture options, from the server to the worker."""
+    """Per-request options, from the server to the worker: what to capture, what to change."""
 
     rid: str  # the engine request id records are routed by (CaptureEngine sets it; vLLM adds its own suffix internally)
     detail: Detail = Detail.NONE  # run the probe at this detail (NONE: rows only, e.g. for trace)
     resid: bool = False  # ship the bulk rows (`alignlens trace`)
     replay_from: int | None = None  # audit: capture the rows deciding prompt tokens replay_from..
+    rows: bool = True  # capture rows and send a record per decided token (False: interventions only)
+    interventions: tuple[Intervention, ...] = ()
 
     def extra_args(self) -> dict:
         """The `SamplingParams.extra_args` entry carrying these options."""

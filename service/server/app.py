@@ -88,7 +88,7 @@ class Server:
             log.info("probe %s (trained for fingerprint %s...)", choice.path, host.fingerprint[:16])
         tokenizer = AutoTokenizer.from_pretrained(str(model_path))
         self.limits = ModelLimits(tokenizer=tokenizer, max_model_len=self.engine_config.max_model_len,
-                                  vocab_size=min(host.vocab_size, len(tokenizer)),
+                                  vocab_size=min(host.vocab_size, len(tokenizer)), n_blocks=host.n_layers,
                                   probe_loaded=choice.path is not None, probe_missing_reason=choice.reason)
         return host, choice
 
@@ -193,6 +193,8 @@ class Server:
             return False
         self.state.info = facts.model_info(host, choice, loaded, self.engine_config.max_model_len,
                                            self.engine_config.dtype)
+        # directions per (block, family) interventions can address (0: the engine has no hooks)
+        self.limits.intervention_k = int(engine.attach_info.get("intervention_k", 0))
         await self._warm_up(engine, loaded)
         self.state.engine = engine
         await self._set_health(True)

@@ -26,6 +26,7 @@ pb2, _ = load()
 
 _FAMILY_ENUM = {name: pb2.Family.Value(f"FAMILY_{name.upper()}") for name in FAMILIES}
 _FAMILY_NAME = {v: k for k, v in _FAMILY_ENUM.items()}
+FAMILY_FROM_PROTO = {_FAMILY_ENUM[name]: i for i, name in enumerate(FAMILIES)}  # proto Family -> FAMILIES index
 _SCALARS = ("token_id", "crystallization_depth", "probe_prob", "probe_top1", "host_logprob")
 
 # The record and the contract carry the same fields (never one dropped silently on the way).

@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 import grpc
 from alignlens.probe.record import Detail
 from alignlens.service.engine.async_engine import CaptureEngine, NewToken
-from alignlens.service.engine.wire import CaptureOptions
+from alignlens.service.engine.wire import CaptureOptions, Intervention
 from alignlens.service.protos import load
 from alignlens.service.server import errors, validation
 from alignlens.service.server.admission import Admission
@@ -121,7 +121,7 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 first_s = None
                 last = arrival
                 final = None
-                stream = engine.generate(rid, inp.prompt_ids, params, _options(rid, inp.detail))
+                stream = engine.generate(rid, inp.prompt_ids, params, _options(rid, inp.detail, inp.interventions))
                 async with contextlib.aclosing(stream):
                     async for out, new in stream:
                         completion = out.outputs[0]
@@ -167,8 +167,8 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 queue_s = time.perf_counter() - arrival
                 state.metrics.queue_time.observe(queue_s)
                 # messages are built as records arrive, while the engine computes later chunks
-                tokens = await engine.replay(rid, inp.prompt_ids, inp.completion_ids, _options(rid, inp.detail),
-                                             convert=_audit_token)
+                options = _options(rid, inp.detail, inp.interventions)
+                tokens = await engine.replay(rid, inp.prompt_ids, inp.completion_ids, options, convert=_audit_token)
             deltas = TokenText(state.limits.tokenizer, inp.prompt_ids).step(inp.completion_ids)
             for token, delta in zip(tokens, deltas, strict=True):
                 token.text = delta
@@ -183,9 +183,11 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
             return self.state.info
 
 
-def _options(rid: str, detail: Detail) -> CaptureOptions | None:
-    """Capture options of a request at `detail`; None at NONE: served as stock vLLM."""
-    return CaptureOptions(rid=rid, detail=detail) if detail > Detail.NONE else None
+def _options(rid: str, detail: Detail, interventions: tuple[Intervention, ...] = ()) -> CaptureOptions | None:
+    """A request's options for the worker; None at detail NONE without interventions: served as stock vLLM."""
+    if detail == Detail.NONE and not interventions:
+        return None
+    return CaptureOptions(rid=rid, detail=detail, rows=detail > Detail.NONE, interventions=interventions)
 
 
 def _audit_token(new: NewToken) -> "pb2.Token":

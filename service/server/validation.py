@@ -8,11 +8,13 @@ the engine inputs themselves.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from alignlens.probe.prompts import encode_prompt
 from alignlens.probe.record import Detail
-from alignlens.service.server.convert import DETAIL_FROM_PROTO
+from alignlens.service.engine.wire import Intervention
+from alignlens.service.server.convert import DETAIL_FROM_PROTO, FAMILY_FROM_PROTO
 from alignlens.service.server.errors import FailedPrecondition, InvalidArgument
 
 DEFAULT_MAX_TOKENS = 64
@@ -21,19 +23,23 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
+MAX_INTERVENTIONS = 64  # per request
+MAX_ABS_SCALE = 100.0  # |Intervention.scale|
 CHAT_ROLES = ("system", "user", "assistant")
 
 
 
-@dataclass(frozen=True)
+@dataclass
 class ModelLimits:
-    """What requests are checked against; built once at start-up."""
+    """What requests are checked against; built at start-up (intervention_k once the engine is up)."""
 
     tokenizer: object  # transformers tokenizer of the served model
     max_model_len: int  # context length, prompt + generated tokens
     vocab_size: int  # token ids must be < this
     probe_loaded: bool  # attribution available
     probe_missing_reason: str = ""  # why not, for FAILED_PRECONDITION messages
+    n_blocks: int = 0  # L: blocks are 1..L
+    intervention_k: int = 0  # directions per (block, family) an intervention may name; 0: interventions off
 
 
 @dataclass
@@ -44,6 +50,7 @@ class GenerateInput:
     prompt_ids: list[int]
     sampling: dict = field(default_factory=dict)  # keyword arguments of vllm.SamplingParams
     detail: Detail = Detail.NONE
+    interventions: tuple[Intervention, ...] = ()
 
 
 @dataclass
@@ -54,6 +61,7 @@ class AuditInput:
     prompt_ids: list[int]
     completion_ids: list[int]
     detail: Detail = Detail.NONE
+    interventions: tuple[Intervention, ...] = ()
 
 
 def request_id(value: str) -> str:
@@ -163,6 +171,49 @@ def sampling(msg, n_prompt: int, limits: ModelLimits) -> dict:
     return out
 
 
+def interventions(msgs, limits: ModelLimits) -> tuple[Intervention, ...]:
+    """The request's Intervention messages, each field checked against the model's limits."""
+    if not msgs:
+        return ()
+    if limits.intervention_k == 0:
+        raise FailedPrecondition("this server's engine was built without intervention hooks "
+                                 "(ALIGNLENS_INTERVENTIONS=0); send no interventions")
+    if len(msgs) > MAX_INTERVENTIONS:
+        raise InvalidArgument("interventions", f"interventions has {len(msgs)} entries; the limit is "
+                                               f"{MAX_INTERVENTIONS}")
+    out = []
+    for i, m in enumerate(msgs):
+        name = f"interventions[{i}]"
+        if not 1 <= m.block <= limits.n_blocks:
+            raise InvalidArgument(f"{name}.block", f"{name}.block = {m.block} must be in 1..{limits.n_blocks} "
+                                                   "(the model's blocks)")
+        if m.family not in FAMILY_FROM_PROTO:
+            raise InvalidArgument(f"{name}.family", f"{name}.family = {m.family} must be FAMILY_QKV, "
+                                                    "FAMILY_ATTN_OUT or FAMILY_MLP_IN")
+        k = limits.intervention_k
+        dirs = list(m.directions)
+        for j, d in enumerate(dirs):
+            if d >= k:
+                raise InvalidArgument(f"{name}.directions[{j}]", f"{name}.directions[{j}] = {d} must be < {k} "
+                                                                 "(ModelInfo.k, the top-k basis size)")
+        if len(set(dirs)) != len(dirs):
+            raise InvalidArgument(f"{name}.directions", f"{name}.directions names a direction twice")
+        if not math.isfinite(m.scale) or abs(m.scale) > MAX_ABS_SCALE:
+            raise InvalidArgument(f"{name}.scale", f"{name}.scale = {m.scale} must be finite with "
+                                                   f"|scale| <= {MAX_ABS_SCALE:g}")
+        end = m.end_position if m.HasField("end_position") else None
+        if m.start_position >= limits.max_model_len:
+            raise InvalidArgument(f"{name}.start_position", f"{name}.start_position = {m.start_position} must be "
+                                                            f"< {limits.max_model_len} (max_model_len)")
+        if end is not None and not m.start_position < end <= limits.max_model_len:
+            raise InvalidArgument(f"{name}.end_position", f"{name}.end_position = {end} must be in "
+                                                          f"{m.start_position + 1}..{limits.max_model_len} "
+                                                          "(after start_position, within max_model_len)")
+        out.append(Intervention(block=m.block, family=FAMILY_FROM_PROTO[m.family], directions=tuple(dirs),
+                                scale=float(m.scale), start=m.start_position, end=end))
+    return tuple(out)
+
+
 def _common(req, limits: ModelLimits) -> tuple[str, Detail, list[int]]:
     """The fields Generate and Audit share, in the same order: request id, detail, prompt."""
     rid = request_id(req.request_id)
@@ -175,7 +226,8 @@ def _common(req, limits: ModelLimits) -> tuple[str, Detail, list[int]]:
 def generate_request(req, limits: ModelLimits) -> GenerateInput:
     """Validate a GenerateRequest. Raises InvalidArgument / FailedPrecondition."""
     rid, level, ids = _common(req, limits)
-    return GenerateInput(rid, ids, sampling(req.sampling, len(ids), limits), level)
+    return GenerateInput(rid, ids, sampling(req.sampling, len(ids), limits), level,
+                         interventions(req.interventions, limits))
 
 
 def audit_request(req, limits: ModelLimits) -> AuditInput:
@@ -194,4 +246,4 @@ def audit_request(req, limits: ModelLimits) -> AuditInput:
     if len(ids) + len(completion) + 1 > limits.max_model_len:
         raise InvalidArgument("completion", f"prompt tokens ({len(ids)}) + completion tokens ({len(completion)}) "
                                             f"must be < {limits.max_model_len} (max_model_len)")
-    return AuditInput(rid, ids, completion, level)
+    return AuditInput(rid, ids, completion, level, interventions(req.interventions, limits))

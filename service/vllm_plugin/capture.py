@@ -2,7 +2,9 @@
 
   1. `execute_model` (wrapped, internals.wrap_step): marks a real step (dummy/profiling runs
      capture nothing) and forgets requests the scheduler reports finished or aborted.
-  2. model forward -> `on_forward(stream)`: `stream` is the 2L+1 tensors
+  2. outer model forward, before the compiled inner model -> `before_forward()`: reads this step's
+     requests' options once and writes their intervention coefficients (interventions.py);
+     after it -> `on_forward(stream)`: `stream` is the 2L+1 tensors
      [h_0, m_1, h_1, ..., m_L, h_L], each [num_tokens, d_model]. Only rows that decide a
      token are copied out (rows.select_rows; index_select also detaches them from CUDA-graph
      buffers).
@@ -24,7 +26,7 @@ import time
 import torch
 from alignlens.service.engine.channel import CaptureSender
 from alignlens.service.engine.wire import CaptureOptions, Kind
-from alignlens.service.vllm_plugin import internals
+from alignlens.service.vllm_plugin import internals, interventions
 from alignlens.service.vllm_plugin.emitter import BackgroundEmitter, emit_step, split_step
 from alignlens.service.vllm_plugin.rows import attributed_gen_rows, join_sampled, select_rows
 from alignlens.service.vllm_plugin.state import STATE
@@ -34,24 +36,36 @@ log = logging.getLogger(__name__)
 FAIL_PROBE_TOKEN_ENV = "ALIGNLENS_TEST_FAIL_PROBE_TOKEN"  # tests only: see CaptureState.fail_probe_token
 
 
-def on_forward(stream: list[torch.Tensor]) -> None:
-    """Phase 2: keep the rows that decide tokens. `stream`: 2L+1 tensors [tokens, d]."""
+def before_forward() -> None:
+    """Phase 2, before the inner model runs: this step's options, and its interventions written."""
     st = STATE
-    st.forward_calls += 1
+    st.step_batch, st.step_options = None, []
     if not st.in_step or st.runner is None:
+        if st.coefficients is not None:
+            st.coefficients.prepare(None, [])  # dummy runs: no request's coefficients left over
         return
     batch = internals.batch_view(st.runner)
-    if batch is None:
-        return
     options: list[CaptureOptions | None] = []
-    prompts: list[list[int] | None] = []
-    for req_id in batch.req_ids:
+    for req_id in batch.req_ids if batch is not None else ():
         opts = CaptureOptions.from_extra_args(internals.request_extra_args(st.runner, req_id))
         if opts is not None:
             st.active[req_id] = opts.rid
         options.append(opts)
-        replay = opts is not None and opts.replay_from is not None
-        prompts.append(internals.request_prompt_ids(st.runner, req_id) if replay else None)
+    st.step_batch, st.step_options = batch, options
+    if st.coefficients is not None and st.coefficients.prepare(batch, options):
+        st.intervened_steps += 1
+
+
+def on_forward(stream: list[torch.Tensor]) -> None:
+    """Phase 2: keep the rows that decide tokens. `stream`: 2L+1 tensors [tokens, d]."""
+    st = STATE
+    st.forward_calls += 1
+    if not st.in_step or st.runner is None or st.step_batch is None:
+        return
+    batch, options = st.step_batch, st.step_options
+    prompts = [internals.request_prompt_ids(st.runner, req_id)
+               if opts is not None and opts.rows and opts.replay_from is not None else None
+               for req_id, opts in zip(batch.req_ids, options)]
     rows, index = select_rows(batch, options, prompts)
     if not rows:
         return
@@ -115,9 +129,14 @@ def _after_step() -> None:
 
 
 def attach(runner, sender: CaptureSender | None, attributor=None, background: bool = True,
-           idle_helper: bool = True) -> None:
-    """Wrap the runner's step phases and connect the sender and the probe."""
+           idle_helper: bool = True, bases: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+    """Wrap the runner's step phases and connect the sender and the probe. `bases`: (basis
+    [L, 3, k, d], attn_out bias [L, d] or None) for the model's intervention hooks."""
     st = STATE
+    hooks = interventions.find_hooks(runner.get_model())
+    if hooks and bases is not None:
+        st.intervention_k = interventions.load_bases(hooks, *bases)
+        st.coefficients = interventions.StepCoefficients(hooks)
     if st.runner is not runner:
         internals.wrap_step(runner, before_step=_before_step, after_step=_after_step,
                             before_sample=keep_logits, after_sample=on_sampled)

@@ -15,23 +15,24 @@ enabled at construction, before compilation, and `_maybe_add_hidden_state` is
 extended to also record m_l (the `residual` a Llama block returns is exactly the
 stream after its attention add). GPT-2 blocks add inside themselves, so the GPT-2
 inner forward is written out here with the same arithmetic as vLLM's GPT2Block.
+
+Interventions (interventions.py) sit in the blocks' own forward: each decoder layer class below
+repeats vLLM's forward with the hooks applied to what q/k/v and the MLP read and to what the
+attention sublayer writes, when the model was built with them (ALIGNLENS_INTERVENTIONS, default on).
 """
 
 from __future__ import annotations
 
 from itertools import islice
 
-from alignlens.service.vllm_plugin import capture, internals
+from alignlens.service.vllm_plugin import capture, internals, interventions
+from alignlens.service.vllm_plugin.interventions import MLP_IN, QKV
 from vllm.model_executor.models import gpt2 as vllm_gpt2
 from vllm.model_executor.models import qwen2 as vllm_qwen2
 from vllm.model_executor.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from vllm.model_executor.models.mistral import (
-    MistralDecoderLayer,
-    MistralForCausalLM,
-    MistralModel,
-)
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
+from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
 
 def _require_single_stage() -> None:
@@ -39,12 +40,58 @@ def _require_single_stage() -> None:
         raise NotImplementedError("alignlens capture does not support pipeline parallelism")
 
 
+def _hook_sizes(vllm_config) -> tuple[int, int]:
+    """(d_model, most rows one forward can have) for the intervention buffers."""
+    sched = vllm_config.scheduler_config
+    return vllm_config.model_config.get_hidden_size(), sched.max_num_batched_tokens + sched.max_num_seqs
+
+
+class _IntervenedLayer:
+    """A Llama-family decoder layer's forward (as vLLM writes it) with the intervention hooks."""
+
+    def forward(self, positions, hidden_states, residual, t_cond=None):
+        iv = getattr(self, "alignlens_iv", None)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        if iv is not None:
+            hidden_states = iv.read(hidden_states, QKV)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        if iv is not None:
+            hidden_states = iv.write(hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        if getattr(self, "ada_rms_norm_t_cond", None) is not None:  # Mistral's time-conditioned variant
+            hidden_states = hidden_states * (1 + self.ada_rms_norm_t_cond(t_cond))
+        if iv is not None:
+            hidden_states = iv.read(hidden_states, MLP_IN)
+        hidden_states = self.mlp(hidden_states)
+        return hidden_states, residual
+
+
+class CaptureLlamaDecoderLayer(_IntervenedLayer, LlamaDecoderLayer):
+    pass
+
+
+class CaptureMistralDecoderLayer(_IntervenedLayer, MistralDecoderLayer):
+    pass
+
+
+class CaptureQwen2DecoderLayer(_IntervenedLayer, Qwen2DecoderLayer):
+    pass
+
+
 class _AuxCaptureMixin:
-    """Records [h_0, m_1, h_1, ..., m_L, h_L] through the EAGLE-3 aux mechanism."""
+    """Records [h_0, m_1, h_1, ..., m_L, h_L] through the EAGLE-3 aux mechanism; gives every block
+    its intervention hooks."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._enable_full_capture()
+        if interventions.enabled():
+            interventions.attach_hooks(islice(self.layers, self.start_layer, self.end_layer),
+                                       *_hook_sizes(kwargs["vllm_config"]))
 
     def _enable_full_capture(self) -> None:
         _require_single_stage()
@@ -66,11 +113,17 @@ class CaptureLlamaModel(_AuxCaptureMixin, LlamaModel):
 
 
 class CaptureQwen2Model(_AuxCaptureMixin, Qwen2Model):
-    pass
+    def __init__(self, *, vllm_config, prefix: str = "", decoder_layer_type=Qwen2DecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=CaptureQwen2DecoderLayer)
 
 
 class CaptureGPT2Model(GPT2Model):
-    """GPT-2 with the block arithmetic inlined so m_l is visible."""
+    """GPT-2 with the block arithmetic inlined so m_l is visible (and the hooks applied)."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if interventions.enabled():
+            interventions.attach_hooks(islice(self.h, self.start_layer, self.end_layer), *_hook_sizes(vllm_config))
 
     def forward(self, input_ids, position_ids, intermediate_tensors, inputs_embeds):
         _require_single_stage()
@@ -79,8 +132,12 @@ class CaptureGPT2Model(GPT2Model):
         h = inputs_embeds + self.wpe(position_ids)
         stream = [h]
         for block in islice(self.h, self.start_layer, self.end_layer):
-            m = block.attn(hidden_states=block.ln_1(h)) + h
-            h = m + block.mlp(block.ln_2(m))
+            iv = getattr(block, "alignlens_iv", None)
+            x = block.ln_1(h)
+            y = block.attn(hidden_states=x if iv is None else iv.read(x, QKV))
+            m = (y if iv is None else iv.write(y)) + h
+            x = block.ln_2(m)
+            h = m + block.mlp(x if iv is None else iv.read(x, MLP_IN))
             stream += [m, h]
         return self.ln_f(h), stream
 
@@ -91,6 +148,7 @@ class _CaptureForwardMixin:
     _inner = "model"  # attribute holding the compiled inner model
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
+        capture.before_forward()  # this step's intervention coefficients
         out = getattr(self, self._inner)(input_ids, positions, intermediate_tensors, inputs_embeds)
         if isinstance(out, tuple):
             hidden, stream = out
@@ -101,7 +159,7 @@ class _CaptureForwardMixin:
 
 class CaptureLlamaForCausalLM(_CaptureForwardMixin, LlamaForCausalLM):
     def _init_model(self, vllm_config, prefix="", layer_type=LlamaDecoderLayer):
-        return CaptureLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        return CaptureLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=CaptureLlamaDecoderLayer)
 
 
 class CaptureMistralModel(_AuxCaptureMixin, MistralModel):
@@ -110,7 +168,7 @@ class CaptureMistralModel(_AuxCaptureMixin, MistralModel):
 
 class CaptureMistralForCausalLM(_CaptureForwardMixin, MistralForCausalLM):
     def _init_model(self, vllm_config, prefix="", layer_type=MistralDecoderLayer):
-        return CaptureMistralModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        return CaptureMistralModel(vllm_config=vllm_config, prefix=prefix, layer_type=CaptureMistralDecoderLayer)
 
 
 class _SwapInner:

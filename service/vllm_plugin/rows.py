@@ -41,7 +41,7 @@ def select_rows(batch: BatchView, options: list[CaptureOptions | None],
     rows: list[Row] = []
     index: list[int] = []
     for i, opts in enumerate(options):
-        if opts is None:
+        if opts is None or not opts.rows:
             continue
         start, end = int(batch.query_start[i]), int(batch.query_start[i + 1])
         pos0 = int(batch.computed[i])

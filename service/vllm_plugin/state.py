@@ -30,6 +30,12 @@ class CaptureState:
     step_ended_at: float = 0.0  # time.monotonic() at the end of the last execute_model
     engine_logits_rows: int = 0  # GEN rows attributed from the engine's own logits (keep_logits)
     idle_wait_polls: bool = False  # the worker's between-step wait sleeps instead of spinning
+    # this step's batch and per-request options (before_forward reads them once for the step)
+    step_batch: Any = None  # internals.BatchView
+    step_options: list = field(default_factory=list)
+    coefficients: Any = None  # interventions.StepCoefficients, when the model has hooks and bases are loaded
+    intervention_k: int = 0  # directions per (block, family) interventions can address
+    intervened_steps: int = 0  # steps in which some request intervened
     # Fault injection for tests (ALIGNLENS_TEST_FAIL_PROBE_TOKEN): the probe raises for any work item
     # that attributes this token id, so a test can watch the error travel to the client.
     fail_probe_token: int | None = None
@@ -47,6 +53,8 @@ class CaptureState:
             "engine_logits_rows": self.engine_logits_rows,
             "idle_helper": bool(self.emitter and self.emitter.helper),
             "idle_wait_polls": self.idle_wait_polls,
+            "intervention_k": self.intervention_k,
+            "intervened_steps": self.intervened_steps,
         }
 
 

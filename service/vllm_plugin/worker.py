@@ -39,8 +39,30 @@ class AlignlensWorkerExtension:
         # the idle-core helper (CPU only) unless ALIGNLENS_IDLE_HELPER=0. See emitter.BackgroundEmitter.
         background = os.environ.get("ALIGNLENS_BACKGROUND_ATTRIBUTION", "1") != "0"
         idle_helper = runner.device.type == "cpu" and os.environ.get("ALIGNLENS_IDLE_HELPER", "1") != "0"
-        capture.attach(runner, sender, attributor, background=background, idle_helper=idle_helper)
-        return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None}
+        bases = _intervention_bases(model, attributor, checkpoint_dir)
+        capture.attach(runner, sender, attributor, background=background, idle_helper=idle_helper, bases=bases)
+        return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None,
+                "intervention_k": STATE.intervention_k}
 
     def alignlens_stats(self) -> dict:
         return STATE.stats()
+
+
+def _intervention_bases(model, attributor, checkpoint_dir: str | None):
+    """(basis [L, 3, k, d], attn_out bias [L, d]) for the model's intervention hooks: the probe's own
+    SVD factors when a probe is loaded (so direction indices mean the same in attributions and
+    interventions), else the host's top-DEFAULT_K factors (cached by fingerprint). None when the
+    model has no hooks (ALIGNLENS_INTERVENTIONS=0) or no checkpoint is known."""
+    from alignlens.service.vllm_plugin.interventions import find_hooks
+
+    if not find_hooks(model):
+        return None
+    if attributor is not None:
+        return attributor.factors.basis, attributor.host.attn_out_bias
+    if not checkpoint_dir:
+        return None
+    from alignlens.probe.host import Host
+    from alignlens.probe.svd import load_or_compute
+
+    host = Host.from_checkpoint(checkpoint_dir)
+    return load_or_compute(host).basis, host.attn_out_bias

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", default="1,4,8,16", help="comma-separated concurrent requests per run")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request")
     p.add_argument("--repetitions", type=int, default=3, help="repetitions per (batch, mode), modes alternating")
-    p.add_argument("--modes", default="stock,capture,attributed", help="subset of stock,capture,attributed")
+    p.add_argument("--modes", default="stock,capture,attributed", help="subset of stock,capture,attributed,intervened")
     p.add_argument("--service", action="store_true",
                    help="also measure through the gRPC server: concurrent streams and Audit")
     p.add_argument("--streams", default="1,8,32", help="concurrent Generate streams (with --service)")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(EngineConfig, args)
     modes = [m for m in args.modes.split(",") if m]
     probe = args.probe
-    if probe is None and "attributed" in modes:
+    if probe is None and {"attributed", "intervened"} & set(modes):
         probe = default_probe(config.model)
         if probe is None:
             raise SystemExit("alignlens bench: mode 'attributed' needs --probe (no shipped probe for this model)")

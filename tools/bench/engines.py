@@ -10,12 +10,14 @@ Phases (logged under the same names):
              each engine's process tree; Markdown table and one JSON line
 
 Modes: `stock` (stock engine), `capture` (rows captured and joined, no probe),
-`attributed` (capture + alignment features + probe, detail=SUMMARY).
+`attributed` (capture + alignment features + probe, detail=SUMMARY), `intervened` (attributed, and
+every request ablates one (block, family): block i mod L + 1, family i mod 3, for request i).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import statistics
 import time
@@ -25,7 +27,7 @@ import psutil
 from alignlens.probe.record import Detail
 from alignlens.service.engine.async_engine import CaptureEngine
 from alignlens.service.engine.config import EngineConfig
-from alignlens.service.engine.wire import CaptureOptions
+from alignlens.service.engine.wire import CaptureOptions, Intervention
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,13 @@ async def _one_request(engine: CaptureEngine, mode: str, rid: str, ids: list[int
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    detail = Detail.SUMMARY if mode == "attributed" else Detail.NONE
+    detail = Detail.SUMMARY if mode in ("attributed", "intervened") else Detail.NONE
+    # intervened: attributed, and every request ablates one (block, family) over its whole sequence
+    interventions = ()
+    if mode == "intervened":
+        index = int(rid.rsplit("-", 1)[-1])
+        interventions = (Intervention(block=index % _n_blocks(str(engine.model_path)) + 1, family=index % 3,
+                                      scale=0.0),)
 
     async def token_counts():
         """Cumulative emitted tokens after each engine output of this request."""
@@ -83,7 +91,8 @@ async def _one_request(engine: CaptureEngine, mode: str, rid: str, ids: list[int
             return
         n = 0
         # capture: rows captured and joined, no probe; attributed: capture + probe
-        async for _out, new in engine.generate(rid, ids, params, CaptureOptions(rid=rid, detail=detail)):
+        options = CaptureOptions(rid=rid, detail=detail, interventions=interventions)
+        async for _out, new in engine.generate(rid, ids, params, options):
             if detail and new and new[0].attr is None:
                 raise RuntimeError("attributed mode returned no attribution: is a probe loaded?")
             n += len(new)
@@ -113,6 +122,15 @@ async def run_batch(engine: CaptureEngine, mode: str, prompts: list[list[int]], 
     return RunResult(sum(counts), time.perf_counter() - t0, ttft, itl)
 
 
+@functools.lru_cache
+def _n_blocks(model_path: str) -> int:
+    """L of the served model (the intervened mode's block choice)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_path)
+    return getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+
+
 def summarize(results: dict[tuple[str, int], list[RunResult]]) -> dict:
     out: dict = {}
     for (mode, batch), runs in results.items():
@@ -129,6 +147,9 @@ def summarize(results: dict[tuple[str, int], list[RunResult]]) -> dict:
         stock = modes.get("stock", {}).get("tokens_per_second")
         for mode, row in modes.items():
             row["over_stock"] = row["tokens_per_second"] / stock if stock else None
+        if "intervened" in modes and "attributed" in modes:
+            modes["intervened_over_attributed"] = (modes["intervened"]["tokens_per_second"]
+                                                   / modes["attributed"]["tokens_per_second"])
         if "attributed" in modes:
             modes["stock_tokens_per_second"] = stock
             modes["attributed_tokens_per_second"] = modes["attributed"]["tokens_per_second"]
@@ -147,7 +168,7 @@ async def bench_engines(config: EngineConfig, probe_path: str | None, batch_size
     for name, capture in (("stock", False), ("capture", True)):
         if name == "stock" and "stock" not in modes:
             continue
-        if name == "capture" and not {"capture", "attributed"} & set(modes):
+        if name == "capture" and not {"capture", "attributed", "intervened"} & set(modes):
             continue
         before = {p.pid for p in me.children(recursive=True)}
         cfg = EngineConfig(**{**config.__dict__, "capture": capture})
@@ -192,6 +213,11 @@ def markdown_table(report: dict) -> str:
                          f"{row['tokens_per_second_min']:.1f}..{row['tokens_per_second_max']:.1f} "
                          f"(n={row['repetitions']}) | {ratio} | {row['ttft_p50_seconds'] * 1e3:.1f} | "
                          f"{row['itl_p50_seconds'] * 1e3:.2f} | {row['itl_p99_seconds'] * 1e3:.2f} |")
+    ratios = [f"batch {b}: {m['intervened_over_attributed']:.3f}" for b, m in report["batches"].items()
+              if m.get("intervened_over_attributed")]
+    if ratios:
+        lines += ["", "Intervened (every request ablating one (block, family)) over attributed: " + ", ".join(ratios)
+                  + "."]
     rss = ", ".join(f"{k}: {v / 2**30:.2f} GiB" for k, v in report["peak_rss_bytes"].items())
     start = ", ".join(f"{k}: {v:.1f} s" for k, v in report["engine_start_seconds"].items())
     lines += ["", f"Peak RSS (engine process tree): {rss}. Engine start: {start}."]
@@ -288,7 +314,7 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
         for key, logits in (("attribution_flops_per_token", attributor.host.logits(resid[:, -1])),
                             ("attribution_flops_per_audit_token", None)):
             with FlopCounterMode(display=False) as counter:
-                attributor(resid, mid, torch.tensor([1]), detail="summary", logits=logits)
+                attributor(resid, mid, torch.tensor([1]), detail=Detail.SUMMARY, logits=logits)
             out[key] = counter.get_total_flops()
         out["attribution_over_host"] = out["attribution_flops_per_token"] / host
         out["audit_attribution_over_host"] = out["attribution_flops_per_audit_token"] / host
@@ -319,7 +345,7 @@ def probe_seconds_per_token(attributor, L: int, d: int, cases: tuple[tuple[int, 
             best = float("inf")
             for _ in range(repetitions):
                 t0 = time.perf_counter()
-                attributor(resid, mid, tokens, detail="summary", logits=logits)
+                attributor(resid, mid, tokens, detail=Detail.SUMMARY, logits=logits)
                 best = min(best, time.perf_counter() - t0)
             out[str(n)] = best / n
         return out
