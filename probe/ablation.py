@@ -16,9 +16,10 @@ of single-token queries against the shared prefix, so the cost per evaluated tok
 from __future__ import annotations
 
 import torch
-from alignlens.probe.replica import decoder_layers
 from torch import Tensor, nn
 from transformers import DynamicCache
+
+from alignlens.probe.replica import decoder_layers
 
 
 class DecisionAblator:

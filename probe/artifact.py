@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from alignlens.probe.model import ProbeConfig, ProbeModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from alignlens.probe.model import ProbeConfig, ProbeModel
 
 FORMAT_VERSION = "alignlens-probe-v1"
 HEADER_KEY = "alignlens_probe"

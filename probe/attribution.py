@@ -25,6 +25,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
 from alignlens.probe.artifact import FingerprintMismatch, load_artifact
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.fingerprint import host_fingerprint
@@ -33,7 +35,6 @@ from alignlens.probe.model import ProbeModel, candidate_set, readout_logits, tok
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import Detail, Direction, TokenAttribution
 from alignlens.probe.svd import SvdFactors, load_or_compute
-from torch import Tensor
 
 FULL_DIRECTIONS = 8  # directions reported for the top pair at Detail.FULL
 # Rows per pass of `compute`. A whole 512-token audit step at once streams ~100 MB intermediates

@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm import tqdm
+
 from alignlens.probe.data import decision_inputs, gradients_path, labels_path, prompt_indices, read_prompt, write_trace
 from alignlens.probe.fast_ablation import FastAblator
 from alignlens.probe.names import RESID, RESID_MID
 from alignlens.probe.replica import capture_replica
-from safetensors.torch import save_file
-from torch import Tensor, nn
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

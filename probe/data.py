@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.host import Host
 from alignlens.probe.names import FAMILY_INDEX, RESID, RESID_MID
 from alignlens.probe.svd import READERS, SvdFactors
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
 from alignlens.probe.attribution import Attributor
 from alignlens.probe.data import TokenSet, build_dataset, decision_inputs, prompt_indices, read_prompt
 from alignlens.probe.fast_ablation import FastAblator
@@ -38,8 +41,6 @@ from alignlens.probe.model import ProbeModel, readout_logits
 from alignlens.probe.names import RESID_MID
 from alignlens.probe.paths import alignlens_home
 from alignlens.probe.prompts import encode_row, read_prompts, split
-from torch import Tensor, nn
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

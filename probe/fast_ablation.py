@@ -20,8 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-from alignlens.probe.ablation import DecisionAblator
 from torch import Tensor, nn
+
+from alignlens.probe.ablation import DecisionAblator
 
 
 class FastAblator(DecisionAblator):

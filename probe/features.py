@@ -14,8 +14,9 @@ Cost per token: 2 norms over L vectors plus L*3*k*d multiply-adds for the projec
 from __future__ import annotations
 
 import torch
-from alignlens.probe.host import Host
 from torch import Tensor
+
+from alignlens.probe.host import Host
 
 
 def family_vectors(host: Host, resid: Tensor, resid_mid: Tensor) -> Tensor:

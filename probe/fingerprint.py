@@ -18,6 +18,7 @@ import hashlib
 import json
 
 import torch
+
 from alignlens.probe.host import Host
 
 FINGERPRINT_VERSION = "alignlens-host-v1"

@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from alignlens.probe.names import FAMILIES
 from safetensors.torch import load_file
 from torch import Tensor, nn
+
+from alignlens.probe.names import FAMILIES
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
 GPT2_TYPES = ("gpt2",)

@@ -15,8 +15,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from alignlens.probe.replica import decoder_layers
 from torch import Tensor, nn
+
+from alignlens.probe.replica import decoder_layers
 
 
 @dataclass(frozen=True)

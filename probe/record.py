@@ -24,6 +24,7 @@ class Detail(enum.IntEnum):
     NONE = 0  # no capture at all: the request is served as stock vLLM
     SUMMARY = 1  # depth profile, family shares and attributions, agreement, host log-prob
     FULL = 2  # SUMMARY plus top_directions
+    CAUSAL = 3  # Audit only: FULL plus family_drop, exact ablations computed by the engine
 
 
 class Direction(msgspec.Struct, frozen=True):
@@ -53,6 +54,9 @@ class TokenAttribution(msgspec.Struct):
     # probe/model.py). The unnormalized pair importance behind family_importance; top_directions
     # explain this array's largest pair.
     family_attribution: list[list[float]] = []
+    # [L][3] nats, only at Detail.CAUSAL for the selected tokens: the exact log p(y | clean) -
+    # log p(y | (block, family) top-k ablated at this position), computed by the engine.
+    family_drop: list[list[float]] = []
 
     def to_dict(self) -> dict:
         """Plain dict of plain lists (JSON-ready), the layout `from_dict` reads."""

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
 from alignlens.probe.fingerprint import host_fingerprint
 from alignlens.probe.host import Host
 from alignlens.probe.names import DEFAULT_K, FAMILIES, FAMILY_INDEX
 from alignlens.probe.paths import alignlens_home
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
 from alignlens.probe.data import TokenSet, build_dataset, component_scale
 from alignlens.probe.host import Host
 from alignlens.probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits, token_features
 from alignlens.probe.svd import SvdFactors
-from torch import Tensor
-from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,10 @@ import time
 from collections.abc import Iterator, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from alignlens.service.protos import MAX_MESSAGE_BYTES, load
 from alignlens.service.server.convert import DETAIL_BY_NAME
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 pb2, pb2_grpc = load()
 
@@ -149,12 +150,13 @@ class AttributionClient:
         return GenerateStream(self.stub.Generate(request, timeout=self._timeout(timeout_s)))
 
     def audit(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
-              request_id: str = "", interventions: Sequence = (),
+              request_id: str = "", interventions: Sequence = (), causal_indices: Sequence[int] = (),
               timeout_s: float | None = None) -> "pb2.AuditResponse":
         """Attribute a logged completion (text, or token ids for an exact replay), optionally replayed
-        under `interventions`."""
+        under `interventions`. detail "causal" adds each selected token's exact family_drop
+        (`causal_indices`; empty = all, for completions of at most 16 tokens)."""
         request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id,
-                                   interventions=list(interventions))
+                                   interventions=list(interventions), causal_indices=list(causal_indices))
         if isinstance(completion, str):
             request.completion_text = completion
         else:

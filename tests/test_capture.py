@@ -16,9 +16,9 @@ import sys
 
 import pytest
 import torch
-from alignlens.service.engine.wire import Intervention
 from safetensors import safe_open
 
+from alignlens.service.engine.wire import Intervention
 from tests.support.capture_check import check_rows, greedy_from_final, load_replica
 
 # the long prompt's intervention starts inside its second prefill chunk (64-token budget)
@@ -67,11 +67,12 @@ def test_trace_inproc_matches_replica(arch, tiny_llama, tiny_gpt2, tmp_path):
 
 
 async def _default_config_session(model_dir):
+    from vllm import SamplingParams
+
     from alignlens.service.engine.async_engine import CaptureEngine
     from alignlens.service.engine.config import EngineConfig
     from alignlens.service.engine.trace import trace_with_engine
     from alignlens.service.engine.wire import CaptureOptions
-    from vllm import SamplingParams
 
     engine = await CaptureEngine.start(EngineConfig(model=str(model_dir), max_model_len=512,
                                                     max_num_batched_tokens=64))

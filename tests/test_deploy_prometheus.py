@@ -48,6 +48,7 @@ def _require_server() -> None:
 def _traffic(address: str) -> dict:
     """The client's own account of what it sent and received."""
     import grpc
+
     from alignlens.service.protos import load
 
     pb2, pb2_grpc = load()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+
 from alignlens.probe.record import Detail
 from alignlens.service.engine.wire import Kind
 from alignlens.service.vllm_plugin import emitter as capture

@@ -13,10 +13,10 @@ import time
 import grpc
 import pytest
 import torch
-from alignlens.service.client import AttributionClient
-from alignlens.service.vllm_plugin.capture import FAIL_PROBE_TOKEN_ENV
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignlens.service.client import AttributionClient
+from alignlens.service.vllm_plugin.capture import FAIL_PROBE_TOKEN_ENV
 from tests.support.tiny import make_probe_artifact
 from tools.serve_process import ServeProcess
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+
 from alignlens.probe.host import Host
 from alignlens.probe.intervene import Spec, greedy
 from alignlens.probe.svd import load_or_compute
-
 from tests.support.capture_check import load_replica
 
 MAX_TOKENS = 8

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from alignlens.probe.ablation import DecisionAblator
 from alignlens.probe.fast_ablation import FastAblator
 from alignlens.probe.host import Host
 from alignlens.probe.replica import decoder_layers
 from alignlens.probe.svd import compute_factors
-
 from tests.support.tiny import random_tokens, tiny_gpt2, tiny_llama
 
 K = 8

@@ -8,9 +8,10 @@ import shutil
 
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 from alignlens.probe.artifact import read_metadata
 from alignlens.service.modelstore import DEFAULT_MODEL_NAME, MARKER_NAME, alignlens_home
-from transformers import LlamaConfig, LlamaForCausalLM
 
 DEFAULT = alignlens_home() / "models" / DEFAULT_MODEL_NAME  # where `alignlens model fetch` puts it
 

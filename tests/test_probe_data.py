@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+
 from alignlens.probe.collect_replica import collect, label_gradients, label_trace
 from alignlens.probe.data import build_dataset, gradients_path, labels_path, read_prompt
 from alignlens.probe.host import Host
 from alignlens.probe.svd import compute_factors
-
 from tests.support.tiny import tiny_llama
 
 K = 8

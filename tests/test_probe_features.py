@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from alignlens.probe.features import alignment_features
 from alignlens.probe.host import Host
 from alignlens.probe.replica import capture_replica
 from alignlens.probe.svd import compute_factors
-
 from tests.support.tiny import random_tokens, tiny_gpt2, tiny_llama
 
 K = 8

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from alignlens.probe.fingerprint import host_fingerprint
 from alignlens.probe.host import Host, UnsupportedHost, spec_from_config
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.svd import compute_factors, load_or_compute
-
 from tests.support.tiny import tiny_gpt2, tiny_llama
 
 K = 8

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from alignlens.probe.artifact import FingerprintMismatch, load_artifact, read_metadata, save_artifact
 from alignlens.probe.attribution import Attributor
 from alignlens.probe.collect_replica import capture, label_gradients, label_trace
@@ -18,7 +19,6 @@ from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import Detail
 from alignlens.probe.svd import load_or_compute
 from alignlens.probe.train import TrainConfig, train
-
 from tests.support.tiny import tiny_gpt2, tiny_llama
 
 K = 8

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from alignlens.service.client import AttributionClient, field_violations, pb2
-from alignlens.service.server.convert import token_to_dict
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from alignlens.service.client import AttributionClient, field_violations, pb2
+from alignlens.service.server.convert import token_to_dict
 from tests.support.tiny import make_probe_artifact
 from tools.serve_process import REPO, ServeProcess, ServeProcessError, free_port
 
@@ -112,11 +113,12 @@ def test_record_and_proto_fields_match():
 
 
 def test_health_reflection_and_model_info(server, tiny_llama, probe_path):
-    from alignlens.probe.fingerprint import host_fingerprint
-    from alignlens.probe.host import Host
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
     )
+
+    from alignlens.probe.fingerprint import host_fingerprint
+    from alignlens.probe.host import Host
 
     # health answered during the engine's start-up (the event loop is not blocked by it; a check
     # may still time out on a busy machine, so only the answer is required)
@@ -378,6 +380,72 @@ def test_detail_none_is_served_as_stock(server):
     assert server.metrics()[("alignlens_capture_open_requests", ())] == 0
     _generate(server.client, PROMPTS[0], max_tokens=3, temperature=0.0, ignore_eos=True, detail="summary")
     assert records() >= before + 3
+
+
+def test_interventions_through_the_server(server, tiny_llama, probe_path):
+    """A Generate with an intervention equals the replica with the same projection (the probe's own
+    k = 8 basis), an Audit under it agrees with it, and bad interventions name their field."""
+    from alignlens.probe.artifact import read_metadata
+    from alignlens.probe.host import Host
+    from alignlens.probe.intervene import Spec, greedy
+    from alignlens.probe.svd import load_or_compute
+    from alignlens.service.client import intervention
+    from tests.support.capture_check import load_replica
+
+    host = Host.from_checkpoint(tiny_llama)
+    basis = load_or_compute(host, k=read_metadata(probe_path)["k"]).basis
+    assert server.client.model_info().k == basis.shape[2]
+    ivs = [intervention(2, "mlp_in"), intervention(1, "attn_out", [0, 1], 2.5, start_position=3)]
+    tokens, fin = _generate(server.client, PROMPTS[3], max_tokens=6, temperature=0.0, ignore_eos=True,
+                            detail="summary", interventions=ivs)
+    specs = [Spec(2, 2), Spec(1, 1, (0, 1), 2.5, 3)]
+    want, want_lp = greedy(load_replica(tiny_llama), list(fin.prompt_token_ids), 6, specs, basis, host.attn_out_bias)
+    assert [t["token_id"] for t in tokens] == want
+    assert max(abs(t["logprob"] - lp) for t, lp in zip(tokens, want_lp)) <= 1e-3
+    audit = server.client.audit(list(fin.prompt_token_ids), want, detail="summary", interventions=ivs)
+    assert max(abs(t.logprob - lp) for t, lp in zip(audit.tokens, want_lp)) <= 1e-3
+    for bad, field in ((intervention(99, "qkv"), "interventions[0].block"),
+                       (intervention(1, "qkv", [8]), "interventions[0].directions[0]"),
+                       (intervention(1, "qkv", scale=1e9), "interventions[0].scale")):
+        with pytest.raises(grpc.RpcError) as err:
+            list(server.client.generate(PROMPTS[0], max_tokens=2, interventions=[bad]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_violations(err.value)[0][0] == field
+    assert server.client.health() == "SERVING"
+
+
+def test_causal_audit_family_drop_equals_replica_ablation(server, tiny_llama, probe_path):
+    """detail CAUSAL: the engine's family_drop equals probe.ablation's exact drops on the replica."""
+    from alignlens.probe.ablation import DecisionAblator
+    from alignlens.probe.artifact import read_metadata
+    from alignlens.probe.host import Host
+    from alignlens.probe.svd import load_or_compute
+    from tests.support.capture_check import load_replica
+
+    tokens, fin = _generate(server.client, PROMPTS[1], max_tokens=6, temperature=0.0, ignore_eos=True,
+                            detail="none")
+    prompt, completion = list(fin.prompt_token_ids), [t["token_id"] for t in tokens]
+    audit = server.client.audit(prompt, completion, detail="causal", causal_indices=[0, 3, 5])
+    L = server.client.model_info().n_layers
+    host = Host.from_checkpoint(tiny_llama)
+    basis = load_or_compute(host, k=read_metadata(probe_path)["k"]).basis
+    ablator = DecisionAblator(load_replica(tiny_llama), basis, host.attn_out_bias)
+    rows = torch.tensor([0, 3, 5])
+    _base, want = ablator.drops(torch.tensor(prompt + completion), len(prompt) - 1 + rows,
+                                torch.tensor(completion)[rows])
+    for j, t in enumerate(rows.tolist()):
+        got = [[getattr(r, f) for f in ("qkv", "attn_out", "mlp_in")] for r in audit.tokens[t].attribution.family_drop]
+        assert len(got) == L
+        assert (torch.tensor(got) - want[j]).abs().max() <= 1e-3, (t, got, want[j])
+    assert all(len(audit.tokens[t].attribution.family_drop) == 0 for t in (1, 2, 4))
+    assert want.abs().max() > 1e-2  # the drops are not all zero (else the check proves nothing)
+    for kwargs, field in (({"detail": "causal", "causal_indices": [6]}, "causal_indices[0]"),
+                          ({"detail": "summary", "causal_indices": [0]}, "causal_indices")):
+        with pytest.raises(grpc.RpcError) as err:
+            server.client.audit(prompt, completion, **kwargs)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_violations(err.value)[0][0] == field
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.client.generate(PROMPTS[0], max_tokens=2, detail="causal"))
+    assert field_violations(err.value)[0][0] == "detail"
 
 
 def test_metrics_parse_with_the_right_names(server):

@@ -1,6 +1,7 @@
 """The vLLM internals the plugin relies on (service/vllm_plugin/internals.py) exist in the installed vLLM."""
 
 import vllm
+
 from alignlens.service.vllm_plugin.internals import VERIFIED_ON, missing_internals
 
 

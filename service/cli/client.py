@@ -67,8 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a = sub.add_parser("audit", help="attribute logged generations (JSONL in, JSONL out) through a server")
     a.add_argument("--in", dest="inp", required=True, help="JSONL of {id?, prompt, completion}")
     a.add_argument("--out", required=True, help="output JSONL, one line per input line")
-    a.add_argument("--detail", choices=["unspecified", "none", "summary", "full"], default="unspecified",
+    a.add_argument("--detail", choices=["unspecified", "none", "summary", "full", "causal"], default="unspecified",
                    help="attribution detail")
+    a.add_argument("--causal", action="store_true",
+                   help="also compute each token's exact family_drop on the engine (detail causal; completions of "
+                        "at most 16 tokens, or name them per line with \"causal_indices\")")
     a.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     _common(a)
     a.set_defaults(func=run_audit)
@@ -90,6 +93,7 @@ def _rpc_error(err) -> dict:
 
 def run_generate(args: argparse.Namespace) -> int:
     import grpc
+
     from alignlens.service.client import parse_intervention
     from alignlens.service.server.convert import attribution_from_proto, dominant_family, token_to_dict
 
@@ -149,8 +153,9 @@ def _read_jsonl(path: str) -> list[dict]:
 
 def run_audit(args: argparse.Namespace) -> int:
     import grpc
-    from alignlens.service.server.convert import token_to_dict
     from tqdm import tqdm
+
+    from alignlens.service.server.convert import token_to_dict
 
     rows = _read_jsonl(args.inp)
     with _connect(args) as client:
@@ -158,7 +163,8 @@ def run_audit(args: argparse.Namespace) -> int:
             n, row = item
             rid = row.get("id", n)
             try:
-                resp = client.audit(row["prompt"], row["completion"], detail=args.detail, request_id=str(rid)[:128])
+                resp = client.audit(row["prompt"], row["completion"], detail="causal" if args.causal else args.detail,
+                                    request_id=str(rid)[:128], causal_indices=row.get("causal_indices", ()))
             except grpc.RpcError as err:
                 return {"id": rid, "error": _rpc_error(err)}
             return {"id": rid, "prompt_tokens": resp.prompt_tokens, "tokens": [token_to_dict(t) for t in resp.tokens]}

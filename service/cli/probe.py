@@ -39,6 +39,7 @@ def _load_replica(checkpoint: Path):
 
 def _collect(args: argparse.Namespace) -> int:
     import torch
+
     from alignlens.probe.collect_replica import collect, label_gradients, label_trace
     from alignlens.probe.host import Host
     from alignlens.probe.prompts import encode_row, read_prompts, split
@@ -96,6 +97,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
+
     from alignlens.probe.artifact import default_artifact_path, sidecar_path, update_metadata
     from alignlens.probe.attribution import Attributor
     from alignlens.probe.evaluate import eval_trace, evaluate

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
 from alignlens.service.engine.channel import CaptureSink
 from alignlens.service.engine.config import EngineConfig, engine_args, prepare_environment
 from alignlens.service.engine.wire import CaptureOptions, Kind, StepMessage, TokenRecord
@@ -104,8 +105,8 @@ class CaptureEngine:
             raise RuntimeError("capture requested from an engine started without the capture plugin")
         return msgspec.structs.replace(options, rid=rid)
 
-    async def generate(self, rid: str, prompt_token_ids: list[int], params,
-                       options: CaptureOptions | None = None) -> AsyncIterator[tuple[Any, list[NewToken]]]:
+    async def generate(self, rid: str, prompt_token_ids: list[int], params, options: CaptureOptions | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[tuple[Any, list[NewToken]]]:
         """Stream (RequestOutput, [NewToken per new token]) for one request.
 
         With capture, each new token carries its worker record, joined in output order; the
@@ -121,7 +122,7 @@ class CaptureEngine:
         emitted = 0
         finished = False
         try:
-            async for out in self.llm.generate(vllm_prompt(prompt_token_ids, options), params, rid):
+            async for out in self.llm.generate(vllm_prompt(prompt_token_ids, options, cache_salt), params, rid):
                 ids = out.outputs[0].token_ids
                 n = len(ids)  # now: vLLM may append to this list while we wait for records below
                 if not records:
@@ -210,13 +211,23 @@ class CaptureEngine:
             self.sink.shutdown()
 
 
-def vllm_prompt(token_ids: list[int], options: CaptureOptions | None) -> dict:
+def intervention_salt(interventions) -> str:
+    """The prefix-cache salt of requests with these interventions ("" for none: no salt)."""
+    if not interventions:
+        return ""
+    return "alignlens-iv-" + hashlib.sha256(msgspec.msgpack.encode(tuple(interventions))).hexdigest()[:32]
+
+
+def vllm_prompt(token_ids: list[int], options: CaptureOptions | None, cache_salt: str | None = None) -> dict:
     """vLLM's prompt dict. A request with interventions gets a prefix-cache salt naming them: its KV
-    blocks are neither read by requests without the same interventions nor served to them."""
+    blocks are neither read by requests without the same interventions nor served to them. A caller
+    that knows better (engine/causal.py: an intervention at the last position only) passes its own
+    `cache_salt` ("" for none)."""
     prompt: dict[str, Any] = {"prompt_token_ids": token_ids}
-    if options is not None and options.interventions:
-        digest = hashlib.sha256(msgspec.msgpack.encode(options.interventions)).hexdigest()[:32]
-        prompt["cache_salt"] = f"alignlens-iv-{digest}"
+    salt = intervention_salt(options.interventions if options is not None else ()) if cache_salt is None \
+        else cache_salt
+    if salt:
+        prompt["cache_salt"] = salt
     return prompt
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+
 from alignlens.service.engine.wire import Kind, RecordError, StepMessage, TokenRecord, decode_step, encode_step
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from alignlens.probe.data import write_trace
 from alignlens.probe.names import RESID, RESID_MID
 from alignlens.probe.prompts import encode_prompt

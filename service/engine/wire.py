@@ -27,6 +27,7 @@ import enum
 
 import msgspec
 import numpy as np
+
 from alignlens.probe.names import RESID, RESID_MID
 from alignlens.probe.record import Detail, TokenAttribution
 

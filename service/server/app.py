@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from alignlens.probe.record import Detail
 from alignlens.service.engine.async_engine import CaptureEngine
 from alignlens.service.engine.config import EngineConfig
@@ -33,8 +36,6 @@ from alignlens.service.server.admission import Admission
 from alignlens.service.server.metrics import ServiceMetrics
 from alignlens.service.server.servicer import AttributionServicer, ServerState
 from alignlens.service.server.validation import ModelLimits
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 pb2, pb2_grpc = load()
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ class Server:
 
     def _prepare(self) -> tuple[facts.HostFacts, facts.ProbeChoice]:
         """Phase 1 (blocking; runs before the event loop serves anything)."""
-        from alignlens.service.modelstore import resolve_model
         from transformers import AutoTokenizer
+
+        from alignlens.service.modelstore import resolve_model
 
         model_path = resolve_model(self.engine_config.model)
         host = facts.host_facts(model_path)

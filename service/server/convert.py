@@ -18,6 +18,7 @@ importance is 0.
 from __future__ import annotations
 
 import msgspec
+
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import Detail, Direction, TokenAttribution
 from alignlens.service.protos import load
@@ -37,7 +38,7 @@ assert set(Direction.__struct_fields__) == {f.name for f in pb2.Direction.DESCRI
 
 # proto AttributionDetail <-> Detail. UNSPECIFIED (0) is resolved by validation (best available).
 DETAIL_FROM_PROTO = {pb2.ATTRIBUTION_DETAIL_NONE: Detail.NONE, pb2.ATTRIBUTION_DETAIL_SUMMARY: Detail.SUMMARY,
-                     pb2.ATTRIBUTION_DETAIL_FULL: Detail.FULL}
+                     pb2.ATTRIBUTION_DETAIL_FULL: Detail.FULL, pb2.ATTRIBUTION_DETAIL_CAUSAL: Detail.CAUSAL}
 DETAIL_TO_PROTO = {v: k for k, v in DETAIL_FROM_PROTO.items()}
 DETAIL_BY_NAME = {"unspecified": pb2.ATTRIBUTION_DETAIL_UNSPECIFIED,
                   **{d.name.lower(): DETAIL_TO_PROTO[d] for d in Detail}}  # client and CLI spelling
@@ -69,7 +70,14 @@ def attribution_to_proto(attr: TokenAttribution) -> "pb2.TokenAttribution":
         **{k: getattr(attr, k) for k in _SCALARS})
     _add_per_family(msg.family_importance, attr.family_importance)
     _add_per_family(msg.family_attribution, attr.family_attribution)
+    _add_per_family(msg.family_drop, attr.family_drop)
     return msg
+
+
+def add_family_drop(msg: "pb2.TokenAttribution", rows: list[list[float]]) -> None:
+    """Set a built message's family_drop ([L][3] nats, engine/causal.py)."""
+    del msg.family_drop[:]
+    _add_per_family(msg.family_drop, rows)
 
 
 def attribution_from_proto(msg: "pb2.TokenAttribution") -> TokenAttribution:
@@ -77,6 +85,7 @@ def attribution_from_proto(msg: "pb2.TokenAttribution") -> TokenAttribution:
     return TokenAttribution(
         depth_gain=list(msg.depth_gain), depth_importance=list(msg.depth_importance),
         family_importance=_rows(msg.family_importance), family_attribution=_rows(msg.family_attribution),
+        family_drop=_rows(msg.family_drop),
         top_directions=[Direction(block=d.block, family=_FAMILY_NAME[d.family], index=d.index, score=d.score)
                         for d in msg.top_directions],
         **{k: getattr(msg, k) for k in _SCALARS})

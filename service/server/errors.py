@@ -55,9 +55,10 @@ class Unavailable(ServiceError):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC code and message for any exception escaping a handler."""
-    from alignlens.service.engine.wire import RecordError
     from vllm.exceptions import VLLMValidationError
     from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    from alignlens.service.engine.wire import RecordError
 
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)

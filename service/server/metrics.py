@@ -37,11 +37,12 @@ teacher-forced, so its tokens need not be the host's own choice):
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import TokenAttribution
 from alignlens.service.engine.wire import StepMessage
 from alignlens.service.server.convert import family_shares
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Latency buckets (seconds): from a tiny model's sub-millisecond steps to a loaded 7B server.
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,

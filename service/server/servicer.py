@@ -24,13 +24,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+
 from alignlens.probe.record import Detail
 from alignlens.service.engine.async_engine import CaptureEngine, NewToken
+from alignlens.service.engine.causal import family_drops
 from alignlens.service.engine.wire import CaptureOptions, Intervention
 from alignlens.service.protos import load
 from alignlens.service.server import errors, validation
 from alignlens.service.server.admission import Admission
-from alignlens.service.server.convert import attribution_to_proto
+from alignlens.service.server.convert import add_family_drop, attribution_to_proto
 from alignlens.service.server.errors import Unavailable
 from alignlens.service.server.metrics import ServiceMetrics
 from alignlens.service.tokens import TokenText
@@ -169,6 +171,11 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 # messages are built as records arrive, while the engine computes later chunks
                 options = _options(rid, inp.detail, inp.interventions)
                 tokens = await engine.replay(rid, inp.prompt_ids, inp.completion_ids, options, convert=_audit_token)
+                if inp.causal_indices:  # exact ablations, by the engine (engine/causal.py)
+                    drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids, inp.causal_indices,
+                                               state.limits.n_blocks, inp.interventions)
+                    for t, rows in drops.items():
+                        add_family_drop(tokens[t].attribution, rows)
             deltas = TokenText(state.limits.tokenizer, inp.prompt_ids).step(inp.completion_ids)
             for token, delta in zip(tokens, deltas, strict=True):
                 token.text = delta

@@ -24,6 +24,7 @@ MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
 MAX_INTERVENTIONS = 64  # per request
+MAX_CAUSAL_TOKENS = 16  # completion tokens one CAUSAL Audit explains (each costs 3L + 1 engine requests)
 MAX_ABS_SCALE = 100.0  # |Intervention.scale|
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -62,6 +63,7 @@ class AuditInput:
     completion_ids: list[int]
     detail: Detail = Detail.NONE
     interventions: tuple[Intervention, ...] = ()
+    causal_indices: tuple[int, ...] = ()  # at Detail.CAUSAL: completion indices whose family_drop to compute
 
 
 def request_id(value: str) -> str:
@@ -226,6 +228,9 @@ def _common(req, limits: ModelLimits) -> tuple[str, Detail, list[int]]:
 def generate_request(req, limits: ModelLimits) -> GenerateInput:
     """Validate a GenerateRequest. Raises InvalidArgument / FailedPrecondition."""
     rid, level, ids = _common(req, limits)
+    if level == Detail.CAUSAL:
+        raise InvalidArgument("detail", "detail ATTRIBUTION_DETAIL_CAUSAL is for Audit only: audit the generation "
+                                        "(Finished.prompt_token_ids + its tokens) to get family_drop")
     return GenerateInput(rid, ids, sampling(req.sampling, len(ids), limits), level,
                          interventions(req.interventions, limits))
 
@@ -246,4 +251,33 @@ def audit_request(req, limits: ModelLimits) -> AuditInput:
     if len(ids) + len(completion) + 1 > limits.max_model_len:
         raise InvalidArgument("completion", f"prompt tokens ({len(ids)}) + completion tokens ({len(completion)}) "
                                             f"must be < {limits.max_model_len} (max_model_len)")
-    return AuditInput(rid, ids, completion, level, interventions(req.interventions, limits))
+    return AuditInput(rid, ids, completion, level, interventions(req.interventions, limits),
+                      causal_indices(req.causal_indices, level, len(completion), limits))
+
+
+def causal_indices(values, level: Detail, n_completion: int, limits: ModelLimits) -> tuple[int, ...]:
+    """The completion indices a CAUSAL Audit explains (all, when none are named and few enough)."""
+    values = list(values)
+    if level != Detail.CAUSAL:
+        if values:
+            raise InvalidArgument("causal_indices", "causal_indices needs detail ATTRIBUTION_DETAIL_CAUSAL")
+        return ()
+    if limits.intervention_k == 0:
+        raise FailedPrecondition("detail CAUSAL needs the engine's intervention hooks, and this engine was built "
+                                 "without them (ALIGNLENS_INTERVENTIONS=0)")
+    if not values:
+        if n_completion > MAX_CAUSAL_TOKENS:
+            raise InvalidArgument("causal_indices", f"the completion has {n_completion} tokens; a CAUSAL Audit "
+                                                    f"explains at most {MAX_CAUSAL_TOKENS}: name them in "
+                                                    "causal_indices")
+        return tuple(range(n_completion))
+    if len(values) > MAX_CAUSAL_TOKENS:
+        raise InvalidArgument("causal_indices", f"causal_indices has {len(values)} entries; the limit is "
+                                                f"{MAX_CAUSAL_TOKENS}")
+    for j, v in enumerate(values):
+        if v >= n_completion:
+            raise InvalidArgument(f"causal_indices[{j}]", f"causal_indices[{j}] = {v} must be < {n_completion} "
+                                                          "(the completion's tokens)")
+    if len(set(values)) != len(values):
+        raise InvalidArgument("causal_indices", "causal_indices names an index twice")
+    return tuple(sorted(values))

@@ -24,6 +24,7 @@ import os
 import time
 
 import torch
+
 from alignlens.service.engine.channel import CaptureSender
 from alignlens.service.engine.wire import CaptureOptions, Kind
 from alignlens.service.vllm_plugin import internals, interventions

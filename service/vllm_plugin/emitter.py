@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from alignlens.probe.record import Detail
 from alignlens.service.engine.wire import Kind, StepMessage, TokenRecord
 from alignlens.service.vllm_plugin.rows import Row

@@ -25,10 +25,11 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
+
 from alignlens.probe.names import DEFAULT_K
 from alignlens.service.engine.wire import CaptureOptions
 from alignlens.service.vllm_plugin.internals import BatchView
-from torch import nn
 
 ENV = "ALIGNLENS_INTERVENTIONS"
 QKV, ATTN_OUT, MLP_IN = 0, 1, 2  # probe.names.FAMILIES order

@@ -25,14 +25,15 @@ from __future__ import annotations
 
 from itertools import islice
 
-from alignlens.service.vllm_plugin import capture, internals, interventions
-from alignlens.service.vllm_plugin.interventions import MLP_IN, QKV
 from vllm.model_executor.models import gpt2 as vllm_gpt2
 from vllm.model_executor.models import qwen2 as vllm_qwen2
 from vllm.model_executor.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+
+from alignlens.service.vllm_plugin import capture, internals, interventions
+from alignlens.service.vllm_plugin.interventions import MLP_IN, QKV
 
 
 def _require_single_stage() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from alignlens.probe.record import Detail
 from alignlens.service.engine.wire import CaptureOptions, Kind
 from alignlens.service.vllm_plugin.internals import BatchView

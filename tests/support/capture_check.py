@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from alignlens.probe.replica import capture_replica, decoder_layers
 from transformers import AutoModelForCausalLM
+
+from alignlens.probe.replica import capture_replica, decoder_layers
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -47,7 +47,6 @@ def default_probe(model: str) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from alignlens.service.modelstore import resolve_model
-
     from tools.bench.engines import bench_engines, markdown_table
 
     config = config_from_args(EngineConfig, args)
@@ -65,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if args.service:
         from alignlens.service.cli.configs import config_to_args
         from alignlens.service.cli.serve import FIXED_ENGINE_FIELDS
-
         from tools.bench.engines import BENCH_PROMPTS
         from tools.bench.service import bench_service
 

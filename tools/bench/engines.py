@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 
 import psutil
+
 from alignlens.probe.record import Detail
 from alignlens.service.engine.async_engine import CaptureEngine
 from alignlens.service.engine.config import EngineConfig

@@ -76,8 +76,9 @@ def run_streams(target: str, n: int, max_tokens: int, prompts: list[str], detail
 
 
 def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Path) -> dict:
-    from alignlens.service.client import AttributionClient
     from transformers import AutoTokenizer
+
+    from alignlens.service.client import AttributionClient
 
     ids = AutoTokenizer.from_pretrained(str(model_path))(AUDIT_TEXT)["input_ids"]
     out = {}
