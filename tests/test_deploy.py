@@ -53,6 +53,11 @@ METRICS = {
     "alignlens_probe_top1": "counter",
     "alignlens_crystallization_depth": "histogram",
     "alignlens_family_importance_share": "counter",
+    "alignlens_capture_records": "counter",
+    "alignlens_attribution_errors": "counter",
+    "alignlens_attribution_faithfulness": "histogram",
+    "alignlens_attribution_verified_tokens": "counter",
+    "alignlens_attribution_verify_skipped": "counter",
 }
 _SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("_total",), "gauge": ("",)}
 SERIES_NAMES = {name + s for name, kind in METRICS.items() for s in _SUFFIXES[kind]}

@@ -36,6 +36,7 @@ from alignlens.service.server.admission import Admission
 from alignlens.service.server.metrics import ServiceMetrics
 from alignlens.service.server.servicer import AttributionServicer, ServerState
 from alignlens.service.server.validation import ModelLimits
+from alignlens.service.server.verify import Verifier
 
 pb2, pb2_grpc = load()
 log = logging.getLogger(__name__)
@@ -58,6 +59,9 @@ class ServeConfig:
     grace_period_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in "
                                                                         "flight may take to finish"})
     health_poll_seconds: float = field(default=1.0, metadata={"help": "how often the engine's liveness is checked"})
+    verify_fraction: float = field(default=0.0, metadata={"help": "fraction of live attributed tokens whose exact "
+                                                                  "family_drop the engine computes in the background "
+                                                                  "to measure faithfulness (0 = off; 0..1)"})
 
 
 class Server:
@@ -143,12 +147,17 @@ class Server:
         except facts.StartupError as exc:
             log.error("cannot start: %s", exc)
             return 2
+        if not 0.0 <= self.config.verify_fraction <= 1.0:
+            log.error("cannot start: --verify-fraction %s must be in [0, 1]", self.config.verify_fraction)
+            return 2
         metrics = ServiceMetrics(host.n_layers, self.config.max_queue)
         metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
         admission = Admission(self.engine_config.max_num_seqs, self.config.max_queue, metrics)
         info = facts.model_info(host, choice, False, self.engine_config.max_model_len, self.engine_config.dtype)
         self.state = ServerState(self.limits, info, metrics, admission)
+        if self.config.verify_fraction > 0:
+            self.state.verifier = Verifier(self.config.verify_fraction, self.state, host.n_layers)
         await self._set_health(False)
         server = await self._start_grpc()
         watcher = None
@@ -156,12 +165,16 @@ class Server:
             if not await self._start_engine(choice, host):
                 return 0 if self.stop_requested.is_set() else 1
             watcher = asyncio.create_task(self._watch_engine(), name="engine-watch")
+            if self.state.verifier is not None:
+                self.state.verifier.start()
             await self.stop_requested.wait()
             await self._drain()
             return 0
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if self.state.verifier is not None:
+                self.state.verifier.stop()
             await server.stop(1.0)
             if self.state.engine is not None:
                 self.state.engine.shutdown()

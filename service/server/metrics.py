@@ -22,6 +22,10 @@ all 0 when nothing is in flight, else a leak):
     alignlens_capture_worker_requests      gauge      requests the worker still tracks
     alignlens_capture_records_total        counter    records received from the worker (0 for requests
                                                       at detail NONE: those are served as stock vLLM)
+    alignlens_attribution_faithfulness       histogram  --verify-fraction: per-token Spearman of the served
+                                                      family_attribution against the exact |family_drop|
+    alignlens_attribution_verified_tokens_total  counter  tokens verified that way
+    alignlens_attribution_verify_skipped_total   counter  tokens selected but skipped (verification backlog full)
     alignlens_attribution_errors_total     counter    records the worker sent with an error instead of an
                                                       attribution (the probe failed; the request got INTERNAL)
 Attribution (the quality signals are counted over live Generate tokens only: audited text is
@@ -90,6 +94,15 @@ class ServiceMetrics:
         self.attribution_errors = Counter("alignlens_attribution_errors",
                                           "Records the worker sent with an error instead of an attribution.",
                                           registry=r)
+        self.faithfulness = Histogram("alignlens_attribution_faithfulness",
+                                      "Per-token Spearman between served family_attribution and exact |family_drop| "
+                                      "(live tokens verified with --verify-fraction).",
+                                      buckets=tuple(round(-1.0 + 0.1 * i, 1) for i in range(21)), registry=r)
+        self.verified_tokens = Counter("alignlens_attribution_verified_tokens",
+                                       "Live tokens whose attribution was verified against exact ablations.",
+                                       registry=r)
+        self.verify_skipped = Counter("alignlens_attribution_verify_skipped",
+                                      "Tokens selected for verification but skipped (backlog full).", registry=r)
         self.attribution_step = Histogram("alignlens_attribution_step_seconds",
                                           "Probe time of one engine step, measured in the worker.",
                                           buckets=_STEP, registry=r)

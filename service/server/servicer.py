@@ -51,6 +51,7 @@ class ServerState:
         self.admission = admission
         self.engine: CaptureEngine | None = None
         self.draining = False
+        self.verifier = None  # server.verify.Verifier with --verify-fraction
 
     def engine_alive(self) -> bool:
         return self.engine is not None and not self.engine.llm.errored
@@ -123,6 +124,7 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 first_s = None
                 last = arrival
                 final = None
+                served: dict[int, list[list[float]]] = {}  # for the verifier: index -> family_attribution
                 stream = engine.generate(rid, inp.prompt_ids, params, _options(rid, inp.detail, inp.interventions))
                 async with contextlib.aclosing(stream):
                     async for out, new in stream:
@@ -141,6 +143,7 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                             if t.attr is not None:
                                 token.attribution.CopyFrom(attribution_to_proto(t.attr))
                                 m.observe_attribution(t.attr)
+                                served[t.index] = t.attr.family_attribution
                             if first_s is None:
                                 first_s = time.perf_counter() - arrival
                                 m.ttft.observe(first_s)
@@ -156,6 +159,8 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 completion_tokens=len(completion.token_ids), prompt_token_ids=inp.prompt_ids,
                 queue_seconds=queue_s, time_to_first_token_seconds=first_s or e2e_s, e2e_seconds=e2e_s))
             m.e2e.observe(e2e_s)
+            if state.verifier is not None and served and not inp.interventions:
+                state.verifier.offer(rid, inp.prompt_ids, list(completion.token_ids), served)
 
     async def Audit(self, request, context):
         """Replay prompt + completion teacher-forced in one pass; attribute every completion token."""

@@ -1,0 +1,107 @@
+"""Online faithfulness: check a sample of live attributions against exact ablations, in the background.
+
+With `alignlens serve --verify-fraction F`, a deterministic fraction F of the tokens that Generate
+streams with an attribution is verified after its request finished: the engine computes the
+token's exact family_drop (engine/causal.py, 3L + 1 single-position requests) and the server
+observes the Spearman correlation between the served family_attribution and |family_drop| over
+the token's 3L (block, family) pairs:
+    alignlens_attribution_faithfulness         histogram of that per-token Spearman
+    alignlens_attribution_verified_tokens_total
+Selection is deterministic (every 1/F-th attributed token, counted across requests), so a rate of
+F is met exactly and runs are repeatable. Verification yields to generation: one token at a time,
+only while no request waits for an engine slot, and a bounded backlog (tokens beyond it are
+skipped, counted in alignlens_attribution_verify_skipped_total) so it never grows without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAX_BACKLOG_TOKENS = 64
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation of two equal-length samples (average ranks for ties); nan if constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):  # ties share their average rank
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+class Verifier:
+    """Selects tokens, queues them, and verifies them one at a time on the engine."""
+
+    def __init__(self, fraction: float, state, n_blocks: int):
+        self.fraction = fraction
+        self.state = state  # ServerState: engine, admission, metrics
+        self.n_blocks = n_blocks
+        self._seen = 0  # attributed tokens offered so far
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._backlog = 0
+        self._task: asyncio.Task | None = None
+
+    def select(self, n_tokens: int) -> list[int]:
+        """Which of the next `n_tokens` attributed tokens to verify (every 1/F-th, across requests)."""
+        picked = [i for i in range(n_tokens)
+                  if math.floor((self._seen + i + 1) * self.fraction) > math.floor((self._seen + i) * self.fraction)]
+        self._seen += n_tokens
+        return picked
+
+    def offer(self, rid: str, prompt_ids: list[int], completion_ids: list[int],
+              served: dict[int, list[list[float]]]) -> None:
+        """A finished generation: `served` maps completion index -> its served family_attribution [L][3]."""
+        indices = sorted(served)
+        picked = [indices[j] for j in self.select(len(indices))]
+        for t in picked:
+            if self._backlog >= MAX_BACKLOG_TOKENS:
+                self.state.metrics.verify_skipped.inc()
+                continue
+            self._backlog += 1
+            self._queue.put_nowait((rid, prompt_ids, completion_ids, t, served[t]))
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="attribution-verifier")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        from alignlens.service.engine.causal import family_drops
+
+        while True:
+            rid, prompt_ids, completion_ids, t, served = await self._queue.get()
+            try:
+                while self.state.admission.waiting:  # generation first
+                    await asyncio.sleep(0.05)
+                engine = self.state.engine
+                if engine is None or engine.llm.errored:
+                    continue
+                drops = await family_drops(engine, f"verify-{rid}", prompt_ids, completion_ids, [t], self.n_blocks)
+                rho = spearman([x for row in served for x in row], [abs(x) for row in drops[t] for x in row])
+                if not math.isnan(rho):
+                    self.state.metrics.faithfulness.observe(rho)
+                self.state.metrics.verified_tokens.inc()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a failed verification must not stop later ones
+                log.exception("verifying token %d of %s failed", t, rid)
+            finally:
+                self._backlog -= 1
