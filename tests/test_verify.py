@@ -20,7 +20,7 @@ from tools.serve_process import ServeProcess
 def test_selection_is_every_nth_token_across_requests():
     v = Verifier(0.25, state=None, n_blocks=4)
     picked = [v.select(3), v.select(3), v.select(6)]
-    assert picked == [[], [0], [0, 4]]  # tokens 4, 8 and 12 of the stream of attributed tokens
+    assert picked == [[], [0], [1, 5]]  # the 4th, 8th and 12th attributed tokens of the stream
     assert sum(map(len, picked)) == 12 * 0.25
 
 
@@ -53,5 +53,5 @@ def test_server_verifies_a_fraction_of_live_tokens(tiny_llama, tmp_path):
             time.sleep(0.5)
         assert m["alignlens_attribution_verified_tokens_total"] == 4
         assert m["alignlens_attribution_faithfulness_count"] == 4
-        assert -4 <= m["alignlens_attribution_faithfulness_sum"] <= 4
+        assert -4 <= m["alignlens_attribution_faithfulness_sum"] <= 4  # the mean the recording rule takes
         assert c.health() == "SERVING"

@@ -97,7 +97,10 @@ class ServiceMetrics:
         self.faithfulness = Histogram("alignlens_attribution_faithfulness",
                                       "Per-token Spearman between served family_attribution and exact |family_drop| "
                                       "(live tokens verified with --verify-fraction).",
-                                      buckets=tuple(round(-1.0 + 0.1 * i, 1) for i in range(21)), registry=r)
+                                      # from 0: negative correlations all count in le="0.0" (no better than
+                                      # chance); prometheus_client drops _sum, which the mean needs, for a
+                                      # histogram whose first bucket is negative
+                                      buckets=tuple(round(0.1 * i, 1) for i in range(11)), registry=r)
         self.verified_tokens = Counter("alignlens_attribution_verified_tokens",
                                        "Live tokens whose attribution was verified against exact ablations.",
                                        registry=r)
