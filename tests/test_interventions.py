@@ -1,5 +1,6 @@
 """Interventions in the engine's forward equal the same projection on the transformers replica, touch
-only their own request, and scale 1 is no intervention (real engine, tiny random Llama)."""
+only their own request, and scale 1 is no intervention (real engine, in-process, eager; tiny random
+Llama and GPT-2, whose attention output has a bias)."""
 
 from __future__ import annotations
 
@@ -51,17 +52,22 @@ if __name__ == "__main__":
 """
 
 
+@pytest.fixture(scope="module", params=["tiny_llama", "tiny_gpt2"])
+def checkpoint(request):
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="module")
-def engine_runs(tiny_llama):
-    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(tiny_llama), json.dumps(SPECS), str(MAX_TOKENS),
+def engine_runs(checkpoint):
+    proc = subprocess.run([sys.executable, "-c", ENGINE_SCRIPT, str(checkpoint), json.dumps(SPECS), str(MAX_TOKENS),
                            json.dumps(PROMPTS)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_intervened_generation_equals_the_replica(engine_runs, tiny_llama):
-    model = load_replica(tiny_llama)
-    host = Host.from_checkpoint(tiny_llama)
+def test_intervened_generation_equals_the_replica(engine_runs, checkpoint):
+    model = load_replica(checkpoint)
+    host = Host.from_checkpoint(checkpoint)
     basis = load_or_compute(host).basis
     assert engine_runs["stats"]["intervention_k"] == basis.shape[2] and engine_runs["stats"]["intervened_steps"] > 0
     for i, plan in SPECS.items():
@@ -76,8 +82,8 @@ def test_intervened_generation_equals_the_replica(engine_runs, tiny_llama):
             abs(a - b) for a, b in zip(plain["logprobs"], got["logprobs"])) > 1e-2, i
 
 
-def test_other_requests_in_the_batch_are_untouched(engine_runs, tiny_llama):
-    model = load_replica(tiny_llama)
+def test_other_requests_in_the_batch_are_untouched(engine_runs, checkpoint):
+    model = load_replica(checkpoint)
     for i in range(len(PROMPTS)):
         tokens, logprobs = greedy(model, engine_runs["ids"][i], MAX_TOKENS)
         assert engine_runs["plain"][i]["tokens"] == tokens

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure through the gRPC server: concurrent streams and Audit")
     p.add_argument("--streams", default="1,8,32", help="concurrent Generate streams (with --service)")
     p.add_argument("--audit-lengths", default="64,512", help="logged completion lengths for Audit (with --service)")
+    p.add_argument("--causal-tokens", default="", help="with --service: CAUSAL Audits of this many tokens, "
+                                                         "comma-separated (e.g. 1,4)")
+    p.add_argument("--verify-fraction", type=float, default=0.0,
+                   help="with --service: also measure the largest stream count through a server with this "
+                        "--verify-fraction")
     p.add_argument("--json", action="store_true", help="print the JSON report as the last line")
     p.add_argument("--out", help="write the Markdown table to this file")
     add_config_args(p, EngineConfig)
@@ -71,11 +76,22 @@ def run(args: argparse.Namespace) -> int:
         serve_args = config_to_args(config, exclude=("model", *FIXED_ENGINE_FIELDS))
         report["service"] = bench_service(config.model, probe, [int(n) for n in args.streams.split(",")],
                                           args.max_tokens, [int(n) for n in args.audit_lengths.split(",")],
-                                          args.repetitions, BENCH_PROMPTS, serve_args)
+                                          args.repetitions, BENCH_PROMPTS, serve_args,
+                                          [int(n) for n in args.causal_tokens.split(",") if n])
         from tools.bench.engines import service_over_engine
 
         report["service"]["over_engine_direct"] = {
             n: service_over_engine(report, n) for n in report["service"]["streams"]}
+        if args.verify_fraction > 0:
+            from tools.bench.service import verify_cost
+
+            n = max(int(x) for x in args.streams.split(","))
+            row = verify_cost(config.model, probe, n, args.max_tokens, args.repetitions, BENCH_PROMPTS, serve_args,
+                              args.verify_fraction)
+            row["over_without"] = row["tokens_per_second"] / report["service"]["streams"][str(n)]["tokens_per_second"]
+            stock = report["batches"].get(str(n), {}).get("stock")
+            row["over_engine_stock"] = row["tokens_per_second"] / stock["tokens_per_second"] if stock else None
+            report["service"]["verify"] = row
         report["service"]["none_over_engine_stock"] = {
             n: service_over_engine(report, n, "stock", "none_tokens_per_second") for n in report["service"]["streams"]}
     table = markdown_table(report)

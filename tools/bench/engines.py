@@ -263,6 +263,19 @@ def markdown_table(report: dict) -> str:
                          f"{row['generate_tokens_per_second']:.1f} | x{row['over_generate_same_length']:.1f} | "
                          f"{'x%.1f' % per_stream if per_stream else '-'} | "
                          f"{row['no_attribution_tokens_per_second']:.1f} |")
+    causal = (service or {}).get("causal")
+    if causal:
+        lines += ["", "CAUSAL Audit (exact family_drop, 3L + 1 engine requests per token): " + ", ".join(
+            f"{n} tokens in {row['seconds']:.1f} s ({row['tokens_per_second']:.2f} tokens/s)"
+            for n, row in causal.items()) + "."]
+    verify = (service or {}).get("verify")
+    if verify:
+        over = verify.get("over_engine_stock")
+        lines += ["", f"--verify-fraction {verify['fraction']}: {verify['streams']} streams at "
+                      f"{verify['tokens_per_second']:.1f} tokens/s ({verify['min']:.1f}..{verify['max']:.1f}), "
+                      f"{verify['over_without']:.3f} of the same streams without verification"
+                      + (f", {over:.3f} of engine-direct stock" if over else "")
+                      + f"; {verify['verified_tokens']:.0f} tokens verified."]
     return "\n".join(lines)
 
 

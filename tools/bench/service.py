@@ -6,6 +6,9 @@ Phases (logged under the same names):
               alternating with it, detail NONE (served as stock vLLM: no capture, no records);
               ignore_eos so every stream makes exactly max_tokens tokens; tokens/s = all
               tokens / wall time of the batch; TTFT per stream
+  4. causal   (--causal-tokens) CAUSAL Audits of the first n tokens: tokens explained per second
+  5. verify   (--verify-fraction) the largest stream count again through a second server verifying
+              that fraction of live tokens in the background
   3. audit    Audit of logged completions of 64 and 512 tokens, one request at a time:
               completion tokens per second of wall time; the same Audit with detail NONE (the
               teacher-forced prefill alone, the bound attribution works against); Generate making a completion
@@ -113,8 +116,65 @@ def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Pat
     return out
 
 
+def run_causal(target: str, counts: list[int], model_path: Path) -> dict:
+    """CAUSAL Audits of the first n tokens of a logged completion: tokens explained per second
+    (each token is 3L + 1 engine requests; engine/causal.py)."""
+    from transformers import AutoTokenizer
+
+    from alignlens.service.client import AttributionClient
+
+    ids = AutoTokenizer.from_pretrained(str(model_path))(AUDIT_TEXT)["input_ids"][:max(counts)]
+    out = {}
+    with AttributionClient(target, timeout_s=3600) as client:
+        for n in counts:
+            t0 = time.perf_counter()
+            resp = client.audit(f"[causal {n}] {AUDIT_PROMPT}", ids, detail="causal", causal_indices=list(range(n)))
+            seconds = time.perf_counter() - t0
+            if not all(len(resp.tokens[t].attribution.family_drop) > 0 for t in range(n)):
+                raise RuntimeError(f"CAUSAL Audit of {n} tokens returned tokens without family_drop")
+            out[str(n)] = {"seconds": seconds, "tokens_per_second": n / seconds}
+            log.info("causal: %d tokens explained in %.1f s", n, seconds)
+    return out
+
+
+def verify_cost(model: str, probe: str | None, n: int, max_tokens: int, repetitions: int, prompts: list[str],
+                serve_args: list[str], fraction: float) -> dict:
+    """`n` concurrent Generate streams through a server with --verify-fraction `fraction` (started
+    after the main one, same settings): tokens/s while it verifies in the background."""
+    import urllib.request
+
+    model_path = resolve_model_path(model)
+    args = ["--model", str(model_path), *serve_args, *(["--probe", probe] if probe else []),
+            "--verify-fraction", str(fraction)]
+    log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"alignlens-bench-verify-{os.getpid()}.log"
+    with ServeProcess(args, log_path) as server:
+        log.info("verify: server with --verify-fraction %s SERVING after %.1f s", fraction, server.start_seconds)
+        run_streams(server.target, 2, 8, prompts)  # warm-up
+        tps = [run_streams(server.target, n, max_tokens, prompts)["tokens_per_second"] for _ in range(repetitions)]
+
+        def verified_total() -> float:
+            text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+            return next(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith("alignlens_attribution_verified_tokens_total"))
+
+        deadline = time.monotonic() + 60  # the backlog drains after the streams (not timed)
+        while verified_total() < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        verified = verified_total()
+    log.info("verify: %d streams -> %.1f tokens/s, %d tokens verified", n, statistics.median(tps), verified)
+    return {"streams": n, "fraction": fraction, "tokens_per_second": statistics.median(tps), "min": min(tps),
+            "max": max(tps), "repetitions": repetitions, "verified_tokens": verified}
+
+
+def resolve_model_path(model: str) -> Path:
+    from alignlens.service.modelstore import resolve_model
+
+    return resolve_model(model)
+
+
 def bench_service(model: str, probe: str | None, streams: list[int], max_tokens: int, audit_lengths: list[int],
-                  repetitions: int, prompts: list[str], serve_args: list[str] | None = None) -> dict:
+                  repetitions: int, prompts: list[str], serve_args: list[str] | None = None,
+                  causal_tokens: list[int] = ()) -> dict:
     from alignlens.service.modelstore import resolve_model
 
     model_path = resolve_model(model)
@@ -144,7 +204,11 @@ def bench_service(model: str, probe: str | None, streams: list[int], max_tokens:
         audit = run_audit(server.target, audit_lengths, repetitions, model_path)
         for n, row in audit.items():
             log.info("audit: %s tokens -> %.1f tokens/s", n, row["tokens_per_second"])
+        causal = run_causal(server.target, list(causal_tokens), model_path) if causal_tokens else None
         single = stream_results.get("1", {}).get("tokens_per_second")
         for row in audit.values():
             row["over_generate_per_stream"] = row["tokens_per_second"] / single if single else None
-        return {"server_start_seconds": server.start_seconds, "streams": stream_results, "audit": audit}
+        out = {"server_start_seconds": server.start_seconds, "streams": stream_results, "audit": audit}
+        if causal is not None:
+            out["causal"] = causal
+        return out
