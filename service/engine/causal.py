@@ -19,15 +19,29 @@ every request of the group, so the drops describe the intervened forward.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from alignlens.service.engine.async_engine import intervention_salt
 from alignlens.service.engine.wire import CaptureOptions, Intervention
 
 
 async def family_drops(engine, rid: str, prompt_ids: list[int], completion_ids: list[int], indices: Sequence[int],
-                       n_blocks: int, base: tuple[Intervention, ...] = ()) -> dict[int, list[list[float]]]:
-    """{completion index: [L][3] drops in nats} for `indices`, computed on `engine` (a CaptureEngine)."""
+                       n_blocks: int, base: tuple[Intervention, ...] = (),
+                       gate: Callable[[], Awaitable[None]] | None = None,
+                       concurrency: int | None = None) -> dict[int, list[list[float]]]:
+    """{completion index: [L][3] drops in nats} for `indices`, computed on `engine` (a CaptureEngine).
+
+    `gate`, when given, is awaited before each request is submitted (the background verifier waits
+    there for an idle engine); `concurrency` bounds the requests in flight (default: all 3L at once).
+    """
+    limit = asyncio.Semaphore(concurrency or 3 * n_blocks + 1)
+
+    async def logprob(*args) -> float:
+        async with limit:
+            if gate is not None:
+                await gate()
+            return await _logprob(engine, *args)
+
     block_size = engine.llm.vllm_config.cache_config.block_size
     out: dict[int, list[list[float]]] = {}
     for t in indices:  # one token's group at a time: its clean request fills the cache its variants read
@@ -35,10 +49,10 @@ async def family_drops(engine, rid: str, prompt_ids: list[int], completion_ids: 
         seq, y = prompt_ids + completion_ids[:t], completion_ids[t]
         # the block holding p is cached only when p ends it: then the group keeps to itself
         salt = f"alignlens-causal-{rid}-{t}" if (p + 1) % block_size == 0 else intervention_salt(base)
-        clean = await _logprob(engine, f"{rid}-c{t}", seq, y, base, salt)
+        clean = await logprob(f"{rid}-c{t}", seq, y, base, salt)
         variants = [base + (Intervention(block=b, family=f, scale=0.0, start=p, end=p + 1),)
                     for b in range(1, n_blocks + 1) for f in range(3)]
-        ablated = await asyncio.gather(*(_logprob(engine, f"{rid}-c{t}-{j}", seq, y, ivs, salt)
+        ablated = await asyncio.gather(*(logprob(f"{rid}-c{t}-{j}", seq, y, ivs, salt)
                                          for j, ivs in enumerate(variants)))
         out[t] = [[clean - ablated[3 * i + f] for f in range(3)] for i in range(n_blocks)]
     return out
