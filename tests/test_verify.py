@@ -3,6 +3,7 @@ server verifying live tokens in the background against the engine's exact ablati
 
 from __future__ import annotations
 
+import math
 import time
 import urllib.request
 
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from alignlens.probe.evaluate import spearman as torch_spearman
 from alignlens.service.client import AttributionClient
-from alignlens.service.server.verify import Verifier, spearman
+from alignlens.service.server.verify import Verifier, token_spearman
 from tests.support.tiny import make_probe_artifact
 from tools.serve_process import ServeProcess
 
@@ -24,13 +25,15 @@ def test_selection_is_every_nth_token_across_requests():
     assert sum(map(len, picked)) == 12 * 0.25
 
 
-def test_spearman_matches_the_evaluations():
+def test_token_spearman_is_the_evaluations_over_abs_drops():
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
-        a, b = torch.randn(12, generator=g), torch.randn(12, generator=g)
-        b[:3] = b[3]  # ties
-        want = float(torch_spearman(a[None], b[None])[0])
-        assert spearman(a.tolist(), b.tolist()) == pytest.approx(want, abs=1e-6)
+        a, b = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+        b[0] = b[1, 0]  # ties
+        want = float(torch_spearman(a.flatten()[None], b.abs().flatten()[None])[0])
+        assert token_spearman(a.tolist(), b.tolist()) == pytest.approx(want, abs=1e-6)
+    assert token_spearman([[1.0, 2.0, 3.0]], [[-1.0, -2.0, -3.0]]) == pytest.approx(1.0)  # |drop| ranks
+    assert math.isnan(token_spearman([[1.0, 1.0, 1.0]], [[1.0, 2.0, 3.0]]))
 
 
 def _metrics(url: str) -> dict[str, float]:

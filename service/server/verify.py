@@ -25,7 +25,9 @@ import asyncio
 import logging
 import math
 
-import numpy as np
+import torch
+
+from alignlens.probe.stats import spearman
 
 log = logging.getLogger(__name__)
 
@@ -34,23 +36,14 @@ IDLE_CONCURRENCY = 8  # verification requests in flight while the engine has no 
 IDLE_POLL_S = 0.05
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation of two equal-length samples (average ranks for ties); nan if constant."""
-    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for value in np.unique(x):  # ties share their average rank
-        tied = x == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
+def token_spearman(served: list[list[float]], drop: list[list[float]]) -> float:
+    """Spearman over a token's 3L pairs between the served family_attribution [L][3] and |family_drop|
+    [L][3] (probe.stats.spearman, as in the offline evaluation); nan when either side is constant."""
+    a = torch.tensor([x for row in served for x in row], dtype=torch.float64)
+    b = torch.tensor([abs(x) for row in drop for x in row], dtype=torch.float64)
+    if bool((a == a[0]).all()) or bool((b == b[0]).all()):
+        return float("nan")
+    return float(spearman(a[None], b[None])[0])
 
 
 class Verifier:
@@ -108,7 +101,7 @@ class Verifier:
                     continue
                 drops = await family_drops(engine, f"verify-{rid}", prompt_ids, completion_ids, [t], self.n_blocks,
                                            gate=self._idle, concurrency=IDLE_CONCURRENCY)
-                rho = spearman([x for row in served for x in row], [abs(x) for row in drops[t] for x in row])
+                rho = token_spearman(served, drops[t])
                 if not math.isnan(rho):
                     self.state.metrics.faithfulness.observe(rho)
                 self.state.metrics.verified_tokens.inc()

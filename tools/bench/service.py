@@ -143,7 +143,9 @@ def verify_cost(model: str, probe: str | None, n: int, max_tokens: int, repetiti
     after the main one, same settings): tokens/s while it verifies in the background."""
     import urllib.request
 
-    model_path = resolve_model_path(model)
+    from alignlens.service.modelstore import resolve_model
+
+    model_path = resolve_model(model)
     args = ["--model", str(model_path), *serve_args, *(["--probe", probe] if probe else []),
             "--verify-fraction", str(fraction)]
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"alignlens-bench-verify-{os.getpid()}.log"
@@ -164,12 +166,6 @@ def verify_cost(model: str, probe: str | None, n: int, max_tokens: int, repetiti
     log.info("verify: %d streams -> %.1f tokens/s, %d tokens verified", n, statistics.median(tps), verified)
     return {"streams": n, "fraction": fraction, "tokens_per_second": statistics.median(tps), "min": min(tps),
             "max": max(tps), "repetitions": repetitions, "verified_tokens": verified}
-
-
-def resolve_model_path(model: str) -> Path:
-    from alignlens.service.modelstore import resolve_model
-
-    return resolve_model(model)
 
 
 def bench_service(model: str, probe: str | None, streams: list[int], max_tokens: int, audit_lengths: list[int],
