@@ -120,24 +120,22 @@ class CaptureEngine:
         if records:
             self.sink.open(rid)
         emitted = 0
-        finished = False
         try:
-            async for out in self.llm.generate(vllm_prompt(prompt_token_ids, options, cache_salt), params, rid):
-                ids = out.outputs[0].token_ids
-                n = len(ids)  # now: vLLM may append to this list while we wait for records below
-                if not records:
-                    new = [NewToken(i, ids[i]) for i in range(emitted, n)]
-                else:
-                    new = []
-                    for i in range(emitted, n):
-                        message, record = await self.sink.take(rid, Kind.GEN, i)
-                        new.append(NewToken(i, record.token, record, message))
-                emitted = n
-                finished = out.finished
-                yield out, new
+            async with _aborting(self.llm, rid) as state:
+                async for out in self.llm.generate(vllm_prompt(prompt_token_ids, options, cache_salt), params, rid):
+                    ids = out.outputs[0].token_ids
+                    n = len(ids)  # now: vLLM may append to this list while we wait for records below
+                    if not records:
+                        new = [NewToken(i, ids[i]) for i in range(emitted, n)]
+                    else:
+                        new = []
+                        for i in range(emitted, n):
+                            message, record = await self.sink.take(rid, Kind.GEN, i)
+                            new.append(NewToken(i, record.token, record, message))
+                    emitted = n
+                    state.finished = out.finished
+                    yield out, new
         finally:
-            if not finished:
-                await self.llm.abort(rid)
             if records:
                 self.sink.close(rid)
 
