@@ -6,7 +6,9 @@ over the N decisions of a step (no Python loop over tokens in the math):
 2. host       full-vocabulary logits final_norm(h_L) @ W_U^T -> host_logprob of y, top-K candidates,
               and the output gradient d log p(y)/d h_L projected on every basis (g_out);
 3. probe      trunk over depth, readout of y over C = top-K + y at every depth (probe.model):
-              depth_gain, depth_importance, crystallization_depth, probe_prob, probe_top1;
+              depth_gain, depth_importance, crystallization_depth, readout_prob, readout_top1
+              (the readout at depth L-1);
+   dla        direct logit attribution of y over C (probe.dla): exact, per component;
 4. pairs      the importance head's amortized ablation (probe.model): per (block, family) the
               predicted |change of the host's log p(y)| when that family's top-k singular
               directions are ablated -> family_attribution (nats) and family_importance (its
@@ -16,7 +18,8 @@ over the N decisions of a step (no Python loop over tokens in the math):
 
 Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
 output gradient on every basis 1.7M + probe ~19M (see probe.model) = ~51M, about 38% of the host's
-own forward (134M); Detail.FULL adds ~2M for the head's backward. The host logits dominate; the engine hands over its own logits for generated tokens
+own forward (134M); direct logit attribution adds ~0.06M (probe.dla); Detail.FULL adds ~2M for the
+head's backward and 0.6M for DLA along attn_out's directions. The host logits dominate; the engine hands over its own logits for generated tokens
 (`logits=`), so only replayed (audit) rows pay for them.
 """
 
@@ -28,11 +31,12 @@ import torch
 from torch import Tensor
 
 from alignlens.probe.artifact import FingerprintMismatch, load_artifact
+from alignlens.probe.dla import direct_logit_attribution, pair_dla
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.fingerprint import host_fingerprint
 from alignlens.probe.host import Host
 from alignlens.probe.model import ProbeModel, candidate_set, readout_logits, token_features
-from alignlens.probe.names import FAMILIES
+from alignlens.probe.names import FAMILIES, FAMILY_INDEX
 from alignlens.probe.record import Detail, Direction, TokenAttribution
 from alignlens.probe.svd import SvdFactors, load_or_compute
 
@@ -96,7 +100,8 @@ class Attributor:
         alpha [N,L,3,k], host_logprob [N], host_top1 [N], cand_ids [N,C], cand_valid [N,C],
         logp_y [N,L+1], top1 [N,L+1] bool, depth_gain [N,L+1], depth_importance [N,L+1],
         crystallization_depth [N], family_attribution [N,L,3] (nats), family_importance [N,L,3],
-        probe_prob [N], probe_top1 [N] bool, token_ids [N], and g_out, states for direction_scores."""
+        readout_prob [N], readout_top1 [N] bool (depth L-1), dla_embed [N], dla_attn [N,L], dla_mlp [N,L],
+        dla_total [N], token_ids [N], and g_out, states for direction_scores."""
         h, m, K = self.host, self.model, self.top_k
         resid = resid.float()
         token_ids = token_ids.long()
@@ -126,14 +131,16 @@ class Attributor:
         crystal = (self.L + 1) - trailing  # = L+1 when not top-1 at the last depth
 
         tok = token_features(host_logprob, top_logits)
-        u = m.importance(states, m.pair_features(alpha, g_out, tok), h.W_U[token_ids])[..., 0]  # [N, L, 3]
+        dla = direct_logit_attribution(h, resid, resid_mid, token_ids, cand_ids, valid)
+        pdla = pair_dla(dla["dla_attn"], dla["dla_mlp"])
+        u = m.importance(states, m.pair_features(alpha, g_out, tok, pdla), h.W_U[token_ids])[..., 0]  # [N, L, 3]
         attribution = m.attribution(u)  # predicted |change of log p(y)| per pair, nats
         fam_imp = attribution / attribution.sum(2, keepdim=True).clamp_min(1e-12)
-        return {"alpha": alpha, "g_out": g_out, "token_feats": tok, "states": states, "host_logprob": host_logprob,
+        return {**dla, "pair_dla": pdla, "alpha": alpha, "g_out": g_out, "token_feats": tok, "states": states, "host_logprob": host_logprob,
                 "host_top1": top_ids[:, 0], "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
                 "top1": top1, "depth_gain": gain, "depth_importance": importance, "crystallization_depth": crystal,
                 "family_attribution": attribution, "family_importance": fam_imp,
-                "probe_prob": logp_y[:, -1].exp(), "probe_top1": top1[:, -1], "token_ids": token_ids}
+                "readout_prob": logp_y[:, -2].exp(), "readout_top1": top1[:, -2], "token_ids": token_ids}
 
     def direction_scores(self, out: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Gradient x input of each token's top pair's log-importance u w.r.t. that pair's alpha.
@@ -147,7 +154,8 @@ class Attributor:
         top = out["family_attribution"].flatten(1).argmax(1)
         with torch.inference_mode(False), torch.enable_grad():
             alpha = out["alpha"].clone().requires_grad_(True)
-            u = m.importance(out["states"].clone(), m.pair_features(alpha, out["g_out"].clone(), out["token_feats"].clone()),
+            u = m.importance(out["states"].clone(), m.pair_features(alpha, out["g_out"].clone(), out["token_feats"].clone(),
+                                                                    out["pair_dla"].clone()),
                              self.host.W_U[out["token_ids"].clone()])[..., 0].flatten(1)
             u.gather(1, top[:, None].clone()).sum().backward()
             scores = (alpha.grad * (alpha.detach() - m.alpha_mean)).flatten(1, 2)  # [N, L*3, k]
@@ -157,7 +165,7 @@ class Attributor:
     def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor, detail: Detail = Detail.SUMMARY,
                  logits: Tensor | None = None) -> list[TokenAttribution]:
         """TokenAttribution for each of the N decisions: resid [N, L+1, d], resid_mid [N, L, d],
-        token_ids [N] (the emitted tokens). Detail.FULL adds top_directions.
+        token_ids [N] (the emitted tokens). Detail.FULL adds top_directions and dla_attn_out_directions.
 
         logits [N, V]: the host's own final logits for these rows when the engine already computed
         them (the sampler's input, before temperature or penalties); the probe then skips its own
@@ -177,7 +185,11 @@ class Attributor:
             return []
         out = self.compute(resid, resid_mid, token_ids, logits)
         directions: list[list[Direction]] = [[] for _ in range(N)]
+        dirs_dla: list[list[list[float]]] = [[] for _ in range(N)]
         if detail == Detail.FULL:
+            dirs_dla = direct_logit_attribution(
+                self.host, resid, resid_mid, out["token_ids"], out["cand_ids"], out["cand_valid"],
+                self.basis[:, FAMILY_INDEX["attn_out"]])["dla_attn_out_directions"].cpu().tolist()
             top, scores = self.direction_scores(out)
             idx = scores.abs().topk(min(FULL_DIRECTIONS, scores.shape[1]), dim=1).indices
             vals = scores.gather(1, idx)
@@ -185,12 +197,15 @@ class Attributor:
                 directions[t] = [Direction(block=p // 3 + 1, family=FAMILIES[p % 3], index=i, score=v)
                                  for i, v in zip(ids, vs)]
         cols = {k: out[k].cpu().tolist() for k in ("token_ids", "depth_gain", "depth_importance",
-                                                    "crystallization_depth", "family_importance", "probe_prob",
-                                                    "probe_top1", "host_logprob", "family_attribution")}
+                                                    "crystallization_depth", "family_importance", "readout_prob",
+                                                    "readout_top1", "host_logprob", "family_attribution",
+                                                    "dla_embed", "dla_attn", "dla_mlp", "dla_total")}
         return [TokenAttribution(
             token_id=cols["token_ids"][t], depth_gain=cols["depth_gain"][t],
             depth_importance=cols["depth_importance"][t], crystallization_depth=cols["crystallization_depth"][t],
             family_importance=cols["family_importance"][t], top_directions=directions[t],
-            probe_prob=cols["probe_prob"][t], probe_top1=cols["probe_top1"][t],
-            host_logprob=cols["host_logprob"][t], family_attribution=cols["family_attribution"][t])
+            readout_prob=cols["readout_prob"][t], readout_top1=cols["readout_top1"][t],
+            host_logprob=cols["host_logprob"][t], family_attribution=cols["family_attribution"][t],
+            dla_embed=cols["dla_embed"][t], dla_attn=cols["dla_attn"][t], dla_mlp=cols["dla_mlp"][t],
+            dla_total=cols["dla_total"][t], dla_attn_out_directions=dirs_dla[t])
             for t in range(N)]

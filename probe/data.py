@@ -29,8 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from alignlens.probe.dla import direct_logit_attribution, pair_dla
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.host import Host
+from alignlens.probe.model import candidate_set
 from alignlens.probe.names import FAMILY_INDEX, RESID, RESID_MID
 from alignlens.probe.svd import READERS, SvdFactors
 
@@ -49,6 +51,7 @@ class TokenSet:
     cand_logits: Tensor  # [N, K] float32, host logits of those tokens
     host_logprob: Tensor  # [N] float32, host log p(y) over the full vocabulary
     prompt_index: Tensor  # [N] int64, which trace prompt the row came from
+    dla: Tensor | None = None  # [N, L, 3] signed direct logit attribution per pair (probe.dla.pair_dla)
     lin: Tensor | None = None  # [N, L, 3] nats, host linearized ablation effect gamma . comp (NaN where absent)
     drop: Tensor | None = None  # [N, L, 3] ablation labels (NaN where a row was not ablated)
 
@@ -153,7 +156,7 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
     g_out. Features and host targets are computed in chunks of `chunk` rows.
     """
     names = (RESID, "alpha", "g_out", "token_ids", "cand_ids", "cand_logits", "host_logprob", "prompt_index",
-             "lin", "drop")
+             "lin", "drop", "dla")
     parts: dict[str, list[Tensor]] = {n: [] for n in names}
     total, offset = 0, 0
     L = host.n_layers
@@ -179,6 +182,9 @@ def build_dataset(host: Host, factors: SvdFactors, trace_paths: list[str | Path]
                 parts["cand_ids"].append(c_ids)
                 parts["cand_logits"].append(c_logits)
                 parts["host_logprob"].append(lp_y)
+                ids, valid = candidate_set(c_ids, ys[sl], top_k)
+                d = direct_logit_attribution(host, resid[sl], mid[sl], ys[sl], ids, valid)
+                parts["dla"].append(pair_dla(d["dla_attn"], d["dla_mlp"]))
             parts[RESID].append(resid)
             parts["token_ids"].append(ys)
             parts["prompt_index"].append(torch.full((T,), offset + i, dtype=torch.long))

@@ -67,6 +67,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from alignlens.probe.tuned_lens import TunedLens
+
 
 @dataclass
 class ProbeConfig:
@@ -82,12 +84,22 @@ class ProbeConfig:
     head_width: int = 64  # a, width of the importance head
     eps_nats: float = 0.01  # eps of the log-magnitude targets log(|drop| + eps)
     top_k: int = 32  # K, host top-K candidates scored at serving (plus the emitted token)
+    # The trunk's depth tokens include AlignProj(alpha_l). False: the activation-only probe of the
+    # same size (the evaluation's test of whether weight alignment adds information).
+    alignment_features: bool = True
+    # The readout starts from a tuned lens (probe.tuned_lens) inside the probe: r_l = h_l + A_l h_l
+    # + b_l + Out(y_l). Costs L*d*d multiply-adds per token (10 M for SmolLM2).
+    tuned_lens: bool = False
+    # The importance head also reads each pair's direct logit attribution (probe.dla.pair_dla):
+    # two more per-pair scalars, sign(dla) log(1 + |dla|) and log(|dla| + 1e-3).
+    dla_inputs: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 N_SCALARS = 5  # per-pair scalars s_if: log|comp|, log|g_out|, log|comp . g_out|, host log p(y), host entropy
+N_DLA_SCALARS = 2  # ... and with ProbeConfig.dla_inputs: sign(dla) log(1 + |dla|), log(|dla| + 1e-3)
 
 
 class EncoderLayer(nn.Module):
@@ -128,10 +140,12 @@ class ProbeModel(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(w, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_encoder_layers))
         self.ln_out = nn.LayerNorm(w)
         self.out = nn.Linear(w, d)
+        self.lens = TunedLens(L, d) if cfg.tuned_lens else None
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         # Importance head.
-        self.i_in = nn.Parameter(torch.randn(3, 2 * k + 3, a) / (2 * k + 3) ** 0.5)  # A_f
+        extra = N_DLA_SCALARS if cfg.dla_inputs else 0
+        self.i_in = nn.Parameter(torch.randn(3, 2 * k + 3 + extra, a) / (2 * k + 3 + extra) ** 0.5)  # A_f
         self.i_depth = nn.Linear(w, a)  # B
         self.i_final = nn.Linear(w, a, bias=False)  # C
         self.i_pair = nn.Parameter(torch.zeros(L, 3, a))  # E_if
@@ -139,7 +153,7 @@ class ProbeModel(nn.Module):
         self.i_token = nn.Linear(d, a)  # Q
         self.i_mlp = nn.Sequential(nn.Linear(a, a), nn.GELU(), nn.Linear(a, 2))  # M
         self.i_bias = nn.Parameter(torch.zeros(L, 3, 2))  # b_if
-        self.i_lin = nn.Parameter(torch.zeros(L, 3, N_SCALARS, 2))  # w_if: per-pair affine on s_if
+        self.i_lin = nn.Parameter(torch.zeros(L, 3, N_SCALARS + extra, 2))  # w_if: per-pair affine on s_if
 
     def standardize(self, alpha: Tensor) -> Tensor:
         """alpha [N, L, 3, k] -> standardized [N, L, 3, k]."""
@@ -148,24 +162,34 @@ class ProbeModel(nn.Module):
     def trunk(self, resid: Tensor, alpha_std: Tensor) -> Tensor:
         """resid [N, L+1, d], standardized alpha [N, L, 3, k] -> depth states y [N, L+1, w]."""
         N = resid.shape[0]
-        align = self.align_proj(alpha_std.reshape(N, self.cfg.n_layers, -1))  # [N, L, w]
         x = self.act_proj(resid) + self.pos
-        x = torch.cat([x[:, :1], x[:, 1:] + align], dim=1)
+        if self.cfg.alignment_features:
+            align = self.align_proj(alpha_std.reshape(N, self.cfg.n_layers, -1))  # [N, L, w]
+            x = torch.cat([x[:, :1], x[:, 1:] + align], dim=1)
         for layer in self.layers:
             x = layer(x)
         return self.ln_out(x)
 
     def corrected_resid(self, resid: Tensor, y: Tensor) -> Tensor:
-        """r_l = h_l + Out(y_l) for l < L, r_L = h_L: [N, L+1, d]."""
+        """r_l = h_l + Out(y_l) for l < L (with the tuned lens: h_l + A_l h_l + b_l + Out(y_l)),
+        r_L = h_L: [N, L+1, d]."""
+        base = resid if self.lens is None else self.lens(resid)
         corr = self.out(y[:, :-1])
-        return torch.cat([resid[:, :-1] + corr, resid[:, -1:]], dim=1)
+        return torch.cat([base[:, :-1] + corr, resid[:, -1:]], dim=1)
 
-    def pair_features(self, alpha: Tensor, g_out: Tensor, token_feats: Tensor) -> tuple[Tensor, Tensor]:
-        """(phi [N, L, 3, 2k+3], s [N, L, 3, N_SCALARS]) from raw alpha, g_out [N, L, 3, k] and
-        token_feats [N, 2] = (host log p(y), host entropy over the top-K) (see module docstring)."""
+    def pair_features(self, alpha: Tensor, g_out: Tensor, token_feats: Tensor,
+                      dla: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(phi [N, L, 3, 2k+3(+2)], s [N, L, 3, N_SCALARS(+2)]) from raw alpha, g_out [N, L, 3, k],
+        token_feats [N, 2] = (host log p(y), host entropy over the top-K) and, when the probe reads
+        it (ProbeConfig.dla_inputs), the pairs' signed DLA [N, L, 3] (probe.dla.pair_dla)."""
         comp = alpha / self.comp_scale
         logs = torch.stack([torch.log(comp.norm(dim=-1) + 1e-6), torch.log(g_out.norm(dim=-1) + 1e-9) + 5,
                             torch.log((comp * g_out).sum(-1).abs() + 1e-6)], dim=-1)
+        if self.cfg.dla_inputs:
+            if dla is None:
+                raise ValueError("this probe reads direct logit attribution (ProbeConfig.dla_inputs): pass dla")
+            logs = torch.cat([logs, torch.sign(dla)[..., None] * torch.log1p(dla.abs())[..., None],
+                              torch.log(dla.abs() + 1e-3)[..., None]], dim=-1)
         phi = torch.cat([self.standardize(alpha), g_out / self.g_out_std, logs], dim=-1)
         s = torch.cat([logs, token_feats[:, None, None].expand(-1, logs.shape[1], 3, -1)], dim=-1)
         return phi, s
@@ -189,10 +213,10 @@ class ProbeModel(nn.Module):
         return (u.exp() - self.cfg.eps_nats).clamp_min(0)
 
     def forward(self, resid: Tensor, alpha: Tensor, g_out: Tensor, token_rows: Tensor,
-                token_feats: Tensor) -> tuple[Tensor, Tensor]:
+                token_feats: Tensor, dla: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """-> (corrected residuals r [N, L+1, d], log-magnitude predictions [N, L, 3, 2])."""
         y = self.trunk(resid, self.standardize(alpha))
-        return self.corrected_resid(resid, y), self.importance(y, self.pair_features(alpha, g_out, token_feats),
+        return self.corrected_resid(resid, y), self.importance(y, self.pair_features(alpha, g_out, token_feats, dla),
                                                                token_rows)
 
 

@@ -110,6 +110,15 @@ def default_prompt_path() -> Path:
     return Path(str(resources.files(__package__) / "data" / "prompts.jsonl"))
 
 
+def heldout_prompt_path() -> Path:
+    """probe/data/heldout_prompts.jsonl: 80 prompts the evaluation uses and training never sees, of
+    kinds absent from the training set (config files, tables, shell, arithmetic, dialogue, other
+    languages, verse, email, legal text, ...) and 40 openings of natural text not written from
+    templates (public-domain literature and hand-written everyday prose). Hand-written, not
+    generated; the `kind` field names each one."""
+    return Path(str(resources.files(__package__) / "data" / "heldout_prompts.jsonl"))
+
+
 def read_prompts(path: str | Path | None = None) -> list[dict]:
     """Rows {"prompt": str, "chat": bool, ...} from a JSONL file (default: the shipped set)."""
     rows = []

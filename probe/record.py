@@ -46,8 +46,11 @@ class TokenAttribution(msgspec.Struct):
     family_importance: list[list[float]]  # [L][3] share of qkv, attn_out, mlp_in per block
     #                                       (family_attribution normalized per block)
     top_directions: list[Direction] = []
-    probe_prob: float = 0.0  # probe's final-depth probability of y over the candidate set
-    probe_top1: bool = False  # probe's final-depth top candidate == y
+    # The probe's readout at depth L-1, the last depth it predicts (depth L is the host's own
+    # readout, so agreement there would be true by construction): p(y) over the candidate set, and
+    # whether y is its top candidate (the probe anticipates the decision one block early).
+    readout_prob: float = 0.0
+    readout_top1: bool = False
     host_logprob: float = 0.0  # host log p(y) over the full vocabulary (nats)
     # [L][3] nats, per (block, family): the probe's prediction of |change of the host's log p(y)|
     # when that family's top-k singular directions are ablated at this position (amortized ablation,
@@ -57,6 +60,15 @@ class TokenAttribution(msgspec.Struct):
     # [L][3] nats, only at Detail.CAUSAL for the selected tokens: the exact log p(y | clean) -
     # log p(y | (block, family) top-k ablated at this position), computed by the engine.
     family_drop: list[list[float]] = []
+    # Direct logit attribution (probe/dla.py), logit nats: y's logit minus the mean candidate
+    # logit, split exactly over the stream's components with the final norm's scale frozen;
+    # dla_embed + sum(dla_attn) + sum(dla_mlp) == dla_total up to float32 rounding.
+    dla_embed: float = 0.0  # h_0 (and a LayerNorm host's final-norm bias)
+    dla_attn: list[float] = []  # [L] attention writes, block 1..L
+    dla_mlp: list[float] = []  # [L] MLP writes, block 1..L
+    dla_total: float = 0.0  # logit_y - mean over the candidate set, from h_L
+    # [L][k] Detail.FULL and above: dla_attn along o_proj's top-k left singular directions
+    dla_attn_out_directions: list[list[float]] = []
 
     def to_dict(self) -> dict:
         """Plain dict of plain lists (JSON-ready), the layout `from_dict` reads."""

@@ -35,6 +35,7 @@ from alignlens.probe.data import TokenSet, build_dataset, component_scale
 from alignlens.probe.host import Host
 from alignlens.probe.model import ProbeConfig, ProbeModel, candidate_set, readout_logits, token_features
 from alignlens.probe.svd import SvdFactors
+from alignlens.probe.tuned_lens import train_tuned_lens
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
     model = ProbeModel(probe_cfg)
     set_statistics(model, data, factors)
     log.info("stats: input statistics from %d tokens", len(data))
+    lens_summary = None
+    if model.lens is not None:  # the readout starts from a tuned lens fitted on the same tokens
+        lens, lens_summary = train_tuned_lens(host, data, top_k=probe_cfg.top_k)
+        model.lens.load_state_dict(lens.state_dict())
     use_lin = data.lin is not None and cfg.linearized_weight > 0
     labeled = torch.nonzero(data.labeled).squeeze(1)
     use_ablation = labeled.numel() > 0 and cfg.ablation_weight > 0
@@ -161,7 +166,8 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
             order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
         b = data.subset(order[pos:pos + cfg.batch_size])
         pos += cfg.batch_size
-        r, pred = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids], token_features(b.host_logprob, b.cand_logits))
+        r, pred = model(b.resid, b.alpha, b.g_out, host.W_U[b.token_ids], token_features(b.host_logprob, b.cand_logits),
+                        b.dla)
         negatives = torch.randperm(host.vocab_size, generator=gen)[:cfg.negatives]
         loss = readout_loss(host, model, r, b, cfg.ce_weight, negatives)
         track("readout", loss)
@@ -176,7 +182,7 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
             l_pos += cfg.ablation_batch_size
             with torch.set_grad_enabled(cfg.ablation_grad_to_trunk):
                 states = model.trunk(lb.resid, model.standardize(lb.alpha))
-            feats = model.pair_features(lb.alpha, lb.g_out, token_features(lb.host_logprob, lb.cand_logits))
+            feats = model.pair_features(lb.alpha, lb.g_out, token_features(lb.host_logprob, lb.cand_logits), lb.dla)
             u = model.importance(states, feats, host.W_U[lb.token_ids])[..., 0]
             loss_abl = ablation_loss(u, model.log_magnitude(lb.drop), cfg.rank_weight, cfg.rank_temperature)
             loss = loss + cfg.ablation_weight * loss_abl
@@ -199,7 +205,8 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
              ", ".join(f"{k} {v:.4f}" for k, v in ema.items()))
     summary = {"training_seconds": round(seconds, 1), "steps_done": steps_done, "stopped_early": stopped_early,
                "final_losses": {k: round(v, 5) for k, v in ema.items()},
-               "importance_head_trained_on_ablations": use_ablation, "linearized_auxiliary": use_lin}
+               "importance_head_trained_on_ablations": use_ablation, "linearized_auxiliary": use_lin,
+               "tuned_lens_init": lens_summary}
     return model.eval(), summary
 
 

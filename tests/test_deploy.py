@@ -50,7 +50,7 @@ METRICS = {
     "alignlens_engine_healthy": "gauge",
     "alignlens_attribution_step_seconds": "histogram",
     "alignlens_attributed_tokens": "counter",
-    "alignlens_probe_top1": "counter",
+    "alignlens_readout_top1": "counter",
     "alignlens_crystallization_depth": "histogram",
     "alignlens_family_importance_share": "counter",
     "alignlens_capture_records": "counter",
@@ -573,7 +573,7 @@ def test_dashboard_is_valid_and_covers_serving_and_attribution():
     assert {"datasource", "job", "instance"} <= variables
     exprs = "\n".join(_dashboard_exprs(dashboard))
     for needed in ("alignlens_time_to_first_token_seconds_bucket", "alignlens_generation_tokens_total",
-                   "alignlens_requests_waiting", "alignlens_queue_capacity", "alignlens_probe_top1_total",
+                   "alignlens_requests_waiting", "alignlens_queue_capacity", "alignlens_readout_top1_total",
                    "alignlens_family_importance_share_total", "alignlens_crystallization_depth_bucket"):
         assert needed in exprs, needed
     heatmaps = [p for p in dashboard["panels"] if p["type"] == "heatmap"]

@@ -199,7 +199,7 @@ def _check_series(prom: PrometheusServer, seen: dict) -> None:
     # Attribution: every live token attributed; one crystallization bucket per depth 0..L.
     attributed = value(f"alignlens_attributed_tokens_total{job}")
     assert attributed == seen["tokens"]
-    assert 0 <= value(f"alignlens_probe_top1_total{job}") <= attributed
+    assert 0 <= value(f"alignlens_readout_top1_total{job}") <= attributed
     assert value(f"alignlens_crystallization_depth_count{job}") == attributed
     buckets = sorted(float(b["metric"]["le"]) for b in prom.query(f"alignlens_crystallization_depth_bucket{job}"))
     assert buckets == _declared_buckets("alignlens_crystallization_depth", n_layers=4)  # tiny model: L = 4
@@ -215,7 +215,7 @@ def _check_series(prom: PrometheusServer, seen: dict) -> None:
     # see that first increment: the rate exists but may be 0 here; the unlabelled counters start at 0.)
     assert value("alignlens:requests:rate5m") is not None
     assert value("alignlens:attributed_tokens:rate1h") > 0
-    assert 0 <= value("alignlens:probe_agreement:ratio_rate1h") <= 1
+    assert 0 <= value("alignlens:readout_agreement:ratio_rate1h") <= 1
     shares = prom.query("alignlens:family_importance_share:mean_rate1h")
     assert sum(float(r["value"][1]) for r in shares) == pytest.approx(1, rel=1e-3)
     assert prom.query('ALERTS{alertstate="firing"}') == []

@@ -45,13 +45,28 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     artifact = tmp_path / "probe.safetensors"
     assert main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(artifact),
                  "--steps", "10", "--k", "8", "--width", "16", "--encoder-layers", "1", "--top-k", "8"]) == 0
+    act_only = tmp_path / "act.safetensors"
+    assert main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(act_only),
+                 "--steps", "10", "--k", "8", "--width", "16", "--encoder-layers", "1", "--top-k", "8",
+                 "--no-alignment-features"]) == 0
     capsys.readouterr()
-    assert main(["probe", "eval", "--probe", str(artifact), "--model", str(tiny_checkpoint), "--data", str(trace),
-                 "--tokens", "20", "--ablation-tokens", "6", "--json", "--write"]) == 0
+    assert main(["probe", "eval", "--probe", str(artifact), "--model", str(tiny_checkpoint),
+                 "--data", f"tiny={trace}", "--ablation-per-prompt", "2", "--tuned-lens-data", str(trace),
+                 "--tuned-lens-steps", "5", "--activation-only", str(act_only), "--boot", "20",
+                 "--json", "--write"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("final_top1_agreement", "depth_kl", "logit_lens_kl", "depth_top1", "logit_lens_top1",
+    for key in ("readout_top1_agreement", "depth_kl", "logit_lens_kl", "depth_top1", "logit_lens_top1",
+                "tuned_lens_kl", "tuned_lens_top1", "activation_only_kl", "activation_only_top1",
                 "faithfulness_spearman", "faithfulness_top_vs_random", "null_faithfulness_spearman",
-                "null_faithfulness_top_vs_random", "tokens"):
+                "null_faithfulness_top_vs_random", "tokens", "by_set", "headline"):
         assert key in result, key
-    assert len(result["depth_kl"]) == 4 and result["final_top1_agreement"] == 1.0
+    assert len(result["depth_kl"]) == 4 and len(result["tuned_lens_kl"]) == 4 and result["ablation_tokens"] == 8
+    for scorer in ("family_attribution", "family_importance", "mean_profile", "mean_profile_uncertainty",
+                   "host_linearized", "dla", "untrained_head"):
+        for metric in ("per_token_spearman", "token_resolved_spearman", "share_centered_spearman", "top_pair_hit",
+                       "top_vs_random"):
+            m = result["headline"]["faithfulness"][scorer][metric]
+            assert m["ci"][0] <= m["ci"][1] and -1 <= m["value"] <= max(1.0, m["value"] * (metric == "top_vs_random"))
+    # a token-independent profile has no share-centered signal (its centred shares are all 0)
+    assert result["headline"]["faithfulness"]["mean_profile"]["share_centered_spearman"]["value"] == 0.0
     assert read_metadata(artifact)["evaluation"]["tokens"] == result["tokens"]

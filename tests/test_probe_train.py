@@ -14,7 +14,7 @@ from alignlens.probe.data import build_dataset, write_trace
 from alignlens.probe.evaluate import spearman
 from alignlens.probe.fingerprint import host_fingerprint
 from alignlens.probe.host import Host
-from alignlens.probe.model import ProbeConfig, ProbeModel, token_features
+from alignlens.probe.model import ProbeConfig, ProbeModel, candidate_set, token_features
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import Detail
 from alignlens.probe.svd import load_or_compute
@@ -90,6 +90,49 @@ def test_trained_probe_beats_untrained_null(tiny_setup):
     assert rho(model) > rho(null) + 0.15, (rho(model), rho(null))
 
 
+def _kl_at(host: Host, r: torch.Tensor, ds, depth: int) -> float:
+    """Mean full-vocabulary KL(host || readout of r at `depth`)."""
+    host_lp = torch.log_softmax(host.logits(ds.resid[:, -1]), -1)
+    lp = torch.log_softmax(host.logits(r[:, depth]), -1)
+    return float((host_lp.exp() * (host_lp - lp)).sum(-1).mean())
+
+
+def test_tuned_lens_beats_the_logit_lens_and_the_levers_train(tiny_setup, tmp_path):
+    """The tuned-lens baseline (probe.tuned_lens) learns; the probe variants the evaluation compares
+    (activation-only; tuned-lens readout with DLA inputs) train, save, load and serve."""
+    _, host, fac, train_ds, test_ds, _ = tiny_setup
+    from alignlens.probe.tuned_lens import TunedLensConfig, train_tuned_lens
+
+    lens, summary = train_tuned_lens(host, train_ds, TunedLensConfig(steps=150, batch_size=32, lr=3e-3,
+                                                                      negatives=64), top_k=8)
+    assert summary["tokens"] == len(train_ds)
+    L = host.n_layers
+    with torch.no_grad():
+        r = lens(test_ds.resid)
+    torch.testing.assert_close(r[:, L], test_ds.resid[:, L])  # the last depth is the host
+    tuned = sum(_kl_at(host, r, test_ds, d) for d in range(1, L))
+    logit_lens = sum(_kl_at(host, test_ds.resid, test_ds, d) for d in range(1, L))
+    assert tuned < 0.8 * logit_lens, (tuned, logit_lens)
+
+    tc = TrainConfig(steps=20, batch_size=16, negatives=32)
+    act_only, _ = train(host, train_ds, fac, dataclasses.replace(_cfg(host), alignment_features=False), tc,
+                        progress=False)
+    with torch.no_grad():  # the trunk ignores alpha
+        a = act_only.trunk(test_ds.resid, act_only.standardize(test_ds.alpha))
+        b = act_only.trunk(test_ds.resid, act_only.standardize(test_ds.alpha * 0 + 3))
+    torch.testing.assert_close(a, b)
+    lever_cfg = dataclasses.replace(_cfg(host), tuned_lens=True, dla_inputs=True)
+    lever, fit = train(host, train_ds, fac, lever_cfg, tc, progress=False)
+    assert fit["tuned_lens_init"]["tokens"] == len(train_ds)
+    path = save_artifact(tmp_path / "lever.safetensors", lever, {"host_fingerprint": host_fingerprint(host), "k": K})
+    loaded, _ = load_artifact(path, host_fingerprint(host))
+    att = Attributor(host, fac, loaded, {"host_fingerprint": host_fingerprint(host), "k": K})
+    cap = capture(tiny_setup[0], [5, 6, 7], [8, 9, 10])
+    records = att(cap["resid"], cap["resid_mid"], cap["token_ids"], detail=Detail.FULL)
+    assert len(records) == 3 and all(len(x.family_attribution) == L for x in records)
+    assert test_ds.dla is not None and test_ds.dla.shape == (len(test_ds), L, 3)
+
+
 def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):
     _, host, fac, train_ds, test_ds, _ = tiny_setup
     model = ProbeModel(_cfg(host)).eval()
@@ -124,20 +167,35 @@ def test_attributor_records(tiny_setup, tmp_path, detail):
         assert len(r.family_importance) == L and all(len(x) == 3 for x in r.family_importance)
         assert 0 <= r.crystallization_depth <= L + 1
         assert abs(sum(r.depth_importance) - 1) < 1e-4 or sum(r.depth_importance) == 0
-        assert 0 < r.probe_prob <= 1 and r.host_logprob <= 0
+        assert 0 < r.readout_prob <= 1 and r.host_logprob <= 0
         assert (len(r.top_directions) > 0) == (detail == Detail.FULL)
         for d in r.top_directions:
             assert 1 <= d.block <= L and d.family in FAMILIES and 0 <= d.index < K
-    # the final-depth readout is the host restricted to candidates: probe_top1 <=> host argmax == y
     logits = host.logits(cap["resid"][:, -1])
-    assert [r.probe_top1 for r in records] == (logits.argmax(-1) == cap["token_ids"]).tolist()
     lp = torch.log_softmax(logits, -1).gather(1, cap["token_ids"][:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor([r.host_logprob for r in records]), lp, rtol=1e-4, atol=1e-4)
-    # gains telescope: sum = log p_L(y) + log |C|
-    r = records[0]
-    assert abs(sum(r.depth_gain) - (torch.log(torch.tensor(r.probe_prob)).item() + torch.log(
-        torch.tensor(float(len(set(cap["token_ids"][:1].tolist()) | set(logits[0].topk(8).indices.tolist())))))
-        .item())) < 1e-3
+    # readout_* are the probe's depth L-1 (untrained here: the logit lens on h_{L-1} over C)
+    ids, valid = candidate_set(logits.topk(8).indices, cap["token_ids"], 8)
+    lens = torch.einsum("nd,ncd->nc", host.final_norm(cap["resid"][:, -2]), host.W_U[ids]).masked_fill(~valid, -1e9)
+    is_y = (ids == cap["token_ids"][:, None]) & valid
+    assert [r.readout_top1 for r in records] == is_y.gather(1, lens.argmax(1, keepdim=True)).squeeze(1).tolist()
+    p_lens = (torch.softmax(lens, -1) * is_y).sum(1)
+    torch.testing.assert_close(torch.tensor([r.readout_prob for r in records]), p_lens, rtol=1e-4, atol=1e-5)
+    # gains telescope: sum = log p_L(y) over C + log |C|
+    host_c = torch.log_softmax(torch.einsum("nd,ncd->nc", host.final_norm(cap["resid"][:, -1]),
+                                            host.W_U[ids]).masked_fill(~valid, -1e9), -1)
+    for t, r in enumerate(records):
+        expect = (host_c[t] * is_y[t]).sum() + torch.log(valid[t].sum().float())
+        assert abs(sum(r.depth_gain) - expect.item()) < 1e-3
+    # direct logit attribution: exact split of logit_y - mean candidate logit (probe/dla.py)
+    for t, r in enumerate(records):
+        assert len(r.dla_attn) == L and len(r.dla_mlp) == L
+        assert abs(r.dla_embed + sum(r.dla_attn) + sum(r.dla_mlp) - r.dla_total) < 1e-4
+        full = logits[t][ids[t][valid[t]]]
+        assert r.dla_total == pytest.approx((logits[t, cap["token_ids"][t]] - full.mean()).item(), abs=1e-4)
+        assert (len(r.dla_attn_out_directions) == L) == (detail == Detail.FULL)
+        if detail == Detail.FULL:  # the top-k part of each block's attention write
+            assert all(len(row) == K for row in r.dla_attn_out_directions)
 
 
 def test_attributor_with_engine_logits_matches_its_own(tiny_setup, tmp_path):
@@ -153,7 +211,7 @@ def test_attributor_with_engine_logits_matches_its_own(tiny_setup, tmp_path):
     own = att(cap["resid"], cap["resid_mid"], cap["token_ids"])
     handed = att(cap["resid"], cap["resid_mid"], cap["token_ids"], logits=logits)
     for a, b in zip(own, handed):
-        assert a.crystallization_depth == b.crystallization_depth and a.probe_top1 == b.probe_top1
+        assert a.crystallization_depth == b.crystallization_depth and a.readout_top1 == b.readout_top1
         assert b.host_logprob == pytest.approx(a.host_logprob, abs=1e-4)
         torch.testing.assert_close(torch.tensor(b.family_attribution), torch.tensor(a.family_attribution),
                                    rtol=1e-3, atol=1e-5)

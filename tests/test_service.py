@@ -101,7 +101,7 @@ def test_record_and_proto_fields_match():
     rec = TokenAttribution(token_id=3, depth_gain=[0.5, -0.25], depth_importance=[1.0, 0.0], crystallization_depth=1,
                            family_importance=[[0.5, 0.25, 0.25]], family_attribution=[[2.0, 1.0, 1.0]],
                            top_directions=[Direction(block=1, family="mlp_in", index=4, score=-0.5)],
-                           probe_prob=0.5, probe_top1=True, host_logprob=-0.75)
+                           readout_prob=0.5, readout_top1=True, host_logprob=-0.75)
     assert TokenAttribution.from_dict(rec.to_dict()) == rec
     # the typed wire record survives the side channel's encoding unchanged
     from alignlens.service.engine.wire import Kind, StepMessage, TokenRecord, decode_step, encode_step
@@ -151,7 +151,7 @@ def test_generate_fields_and_shapes(server, tiny_llama):
         assert len(a["depth_gain"]) == L + 1 and len(a["depth_importance"]) == L + 1
         assert len(a["family_importance"]) == L and all(len(r) == 3 for r in a["family_importance"])
         assert len(a["family_attribution"]) == L
-        assert 0 <= a["crystallization_depth"] <= L + 1 and 0 < a["probe_prob"] <= 1
+        assert 0 <= a["crystallization_depth"] <= L + 1 and 0 < a["readout_prob"] <= 1
         assert a["token_id"] == t["token_id"] and a["top_directions"]
         assert all(1 <= d["block"] <= L and d["family"] in info.families and d["index"] < info.k
                    for d in a["top_directions"])
@@ -192,7 +192,7 @@ def _close(a, b, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
 
 def test_live_and_audit_agree(server):
     """Live decode rows and one teacher-forced replay pass give the same attributions."""
-    continuous = ("depth_gain", "depth_importance", "family_importance", "family_attribution", "probe_prob",
+    continuous = ("depth_gain", "depth_importance", "family_importance", "family_attribution", "readout_prob",
                   "host_logprob")
     discrete_same, discrete_total, worst = 0, 0, 0.0
     for prompt in PROMPTS[:4]:
@@ -206,7 +206,7 @@ def test_live_and_audit_agree(server):
             for name in continuous:
                 assert _close(la[name], lb[name]), (name, la[name], lb[name])
             worst = max(worst, max(abs(x - y) for x, y in zip(la["depth_gain"], lb["depth_gain"], strict=True)))
-            for name in ("crystallization_depth", "probe_top1"):
+            for name in ("crystallization_depth", "readout_top1"):
                 discrete_same += la[name] == lb[name]
                 discrete_total += 1
             discrete_same += [(d["block"], d["family"], d["index"]) for d in la["top_directions"]] == \
@@ -463,7 +463,7 @@ def test_metrics_parse_with_the_right_names(server):
                  "alignlens_attribution_step_seconds", "alignlens_crystallization_depth"):
         assert {base + "_bucket", base + "_count", base + "_sum"} <= names, base
     for counter in ("alignlens_requests_total", "alignlens_prompt_tokens_total", "alignlens_generation_tokens_total",
-                    "alignlens_attributed_tokens_total", "alignlens_probe_top1_total",
+                    "alignlens_attributed_tokens_total", "alignlens_readout_top1_total",
                     "alignlens_capture_records_total", "alignlens_attribution_errors_total",
                     "alignlens_family_importance_share_total"):
         assert counter in names, counter
@@ -473,7 +473,7 @@ def test_metrics_parse_with_the_right_names(server):
     assert ok >= 20 and m[("alignlens_time_to_first_token_seconds_count", ())] >= ok
     assert m[("alignlens_generation_tokens_total", ())] >= 20 * 3
     attributed = m[("alignlens_attributed_tokens_total", ())]
-    assert attributed > 0 and 0 <= m[("alignlens_probe_top1_total", ())] <= attributed
+    assert attributed > 0 and 0 <= m[("alignlens_readout_top1_total", ())] <= attributed
     assert m[("alignlens_attribution_step_seconds_count", ())] > 0
     assert m[("alignlens_attribution_errors_total", ())] == 0
     L = server.client.model_info().n_layers

@@ -87,7 +87,8 @@ def _train(args: argparse.Namespace) -> int:
     checkpoint = _checkpoint(args.model)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
                       max_minutes=args.max_minutes)
-    overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k}
+    overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k,
+                 "alignment_features": args.alignment_features, "tuned_lens": args.tuned_lens}
     out = args.out or str(default_artifact_path(checkpoint))
     meta = train_artifact(str(checkpoint), args.data, out, overrides, cfg, max_tokens=args.max_tokens)
     print(json.dumps({"artifact": out, "training_seconds": meta["training_seconds"],
@@ -98,10 +99,12 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from alignlens.probe.artifact import default_artifact_path, sidecar_path, update_metadata
+    from alignlens.probe.artifact import default_artifact_path, load_artifact, sidecar_path, update_metadata
     from alignlens.probe.attribution import Attributor
-    from alignlens.probe.evaluate import eval_trace, evaluate
+    from alignlens.probe.data import build_dataset
+    from alignlens.probe.evaluate import default_eval_sets, evaluate, markdown_report
     from alignlens.probe.fingerprint import host_fingerprint
+    from alignlens.probe.tuned_lens import TunedLensConfig, train_tuned_lens
 
     torch.set_num_threads(args.threads)
     checkpoint = _checkpoint(args.model)
@@ -110,20 +113,39 @@ def _eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"alignlens probe eval: no probe at {artifact}; train one with `alignlens probe train`")
     att = Attributor.load(artifact, checkpoint)
     model, tokenizer = _load_replica(checkpoint)
-    data = args.data or eval_trace(model, tokenizer, host_fingerprint(att.host), None, args.max_tokens,
-                                   args.temperature, seed=1)
-    result = evaluate(att, model, data, args.tokens, args.ablation_tokens)
+    if args.data:
+        sets = []
+        for item in args.data:
+            name, sep, path = item.partition("=")
+            sets.append((name, Path(path)) if sep else (Path(item).stem, Path(item)))
+    else:
+        sets = default_eval_sets(model, tokenizer, host_fingerprint(att.host), args.max_tokens, args.prompts or None)
+    lens, lens_summary = None, None
+    if args.tuned_lens_data:
+        train_data = build_dataset(att.host, att.factors, args.tuned_lens_data, top_k=att.top_k,
+                                   max_tokens=args.tuned_lens_tokens)
+        lens, lens_summary = train_tuned_lens(att.host, train_data, TunedLensConfig(steps=args.tuned_lens_steps),
+                                              top_k=att.top_k)
+        lens_summary["data"] = list(args.tuned_lens_data)
+        del train_data
+    activation_only = None
+    if args.activation_only:
+        activation_only, meta = load_artifact(args.activation_only, host_fingerprint(att.host), checkpoint)
+        if meta["probe_config"].get("alignment_features", True):
+            raise SystemExit(f"alignlens probe eval: {args.activation_only} is not an activation-only probe "
+                             "(train one with `alignlens probe train --no-alignment-features`)")
+    result = evaluate(att, model, sets, args.ablation_per_prompt, tuned_lens=lens, activation_only=activation_only,
+                      tokens_per_set=args.tokens_per_set, n_boot=args.boot)
     result["probe"] = str(artifact)
-    result["data"] = str(data)
+    result["tuned_lens"] = lens_summary
+    result["activation_only_probe"] = args.activation_only
     if args.write:
         update_metadata(artifact, evaluation=result)
         eval_path = sidecar_path(artifact).with_suffix(".eval.json")
         eval_path.write_text(json.dumps(result, indent=2) + "\n")
         log.info("eval: written to %s and the artifact metadata", eval_path)
     if not args.json:
-        for key, value in result.items():
-            if not isinstance(value, list):
-                print(f"{key:45s} {value}")
+        print(markdown_report(result))
     print(json.dumps(result), file=sys.stdout)
     return 0
 
@@ -164,16 +186,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="training seed")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
     t.add_argument("--max-minutes", type=float, default=28.0, help="wall-clock budget")
+    t.add_argument("--alignment-features", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed the alignment features to the trunk (--no-alignment-features: the activation-only "
+                        "probe the evaluation compares with)")
+    t.add_argument("--tuned-lens", action=argparse.BooleanOptionalAction, default=False,
+                   help="start the readout from a tuned lens fitted on the same data (L*d*d more per token)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a probe (METHOD.md section 6)")
     e.add_argument("--probe", help="artifact (default: the shipped probe for --model)")
     e.add_argument("--model", default="default", help="'default' or a local checkpoint folder")
-    e.add_argument("--tokens", type=int, default=1000, help="held-out tokens for agreement and depth curves")
-    e.add_argument("--ablation-tokens", type=int, default=256, help="tokens with host ablations (faithfulness)")
-    e.add_argument("--data", help="held-out trace (default: generated on the replica from held-out prompts)")
-    e.add_argument("--max-tokens", type=int, default=32, help="tokens per held-out prompt when generating")
-    e.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when generating")
+    e.add_argument("--data", action="append", metavar="[NAME=]TRACE",
+                   help="evaluation trace (repeatable; default: held-out prompt kinds at temperature 0 and 0.8 "
+                        "and the in-distribution held-out split, generated on the replica and cached)")
+    e.add_argument("--prompts", type=int, default=0, help="use only the first N prompts of each default set (0 = all)")
+    e.add_argument("--max-tokens", type=int, default=32, help="tokens per prompt when generating the default sets")
+    e.add_argument("--tokens-per-set", type=int, default=None, help="use at most N tokens of each set")
+    e.add_argument("--ablation-per-prompt", type=int, default=8, help="positions per prompt with exact ablations")
+    e.add_argument("--tuned-lens-data", action="append", metavar="TRACE",
+                   help="training trace(s) to fit the tuned-lens baseline on (repeatable; the probe's own data)")
+    e.add_argument("--tuned-lens-tokens", type=int, default=8000, help="at most N tokens of it for the tuned lens")
+    e.add_argument("--tuned-lens-steps", type=int, default=400, help="tuned-lens Adam steps")
+    e.add_argument("--activation-only", metavar="ARTIFACT",
+                   help="an activation-only probe (probe train --no-alignment-features) to compare readouts with")
+    e.add_argument("--boot", type=int, default=1000, help="bootstrap resamples over prompts")
     e.add_argument("--threads", type=int, default=1, help="torch threads")
     e.add_argument("--json", action="store_true", help="print only the JSON object")
     e.add_argument("--write", action="store_true", help="store the result in the artifact and beside it")

@@ -28,7 +28,9 @@ pb2, _ = load()
 _FAMILY_ENUM = {name: pb2.Family.Value(f"FAMILY_{name.upper()}") for name in FAMILIES}
 _FAMILY_NAME = {v: k for k, v in _FAMILY_ENUM.items()}
 FAMILY_FROM_PROTO = {_FAMILY_ENUM[name]: i for i, name in enumerate(FAMILIES)}  # proto Family -> FAMILIES index
-_SCALARS = ("token_id", "crystallization_depth", "probe_prob", "probe_top1", "host_logprob")
+_SCALARS = ("token_id", "crystallization_depth", "readout_prob", "readout_top1", "host_logprob", "dla_embed",
+            "dla_total")
+_LISTS = ("depth_gain", "depth_importance", "dla_attn", "dla_mlp")
 
 # The record and the contract carry the same fields (never one dropped silently on the way).
 assert set(TokenAttribution.__struct_fields__) == {f.name for f in pb2.TokenAttribution.DESCRIPTOR.fields}, \
@@ -64,10 +66,11 @@ def _rows(msgs) -> list[list[float]]:
 def attribution_to_proto(attr: TokenAttribution) -> "pb2.TokenAttribution":
     """A TokenAttribution record ([L+1] gains, [L][3] family shares and nats, ...) -> proto message."""
     msg = pb2.TokenAttribution(
-        depth_gain=attr.depth_gain, depth_importance=attr.depth_importance,
         top_directions=[pb2.Direction(block=d.block, family=_FAMILY_ENUM[d.family], index=d.index, score=d.score)
                         for d in attr.top_directions],
-        **{k: getattr(attr, k) for k in _SCALARS})
+        **{k: getattr(attr, k) for k in _SCALARS + _LISTS})
+    for row in attr.dla_attn_out_directions:
+        msg.dla_attn_out_directions.add(values=row)
     _add_per_family(msg.family_importance, attr.family_importance)
     _add_per_family(msg.family_attribution, attr.family_attribution)
     _add_per_family(msg.family_drop, attr.family_drop)
@@ -83,12 +86,12 @@ def add_family_drop(msg: "pb2.TokenAttribution", rows: list[list[float]]) -> Non
 def attribution_from_proto(msg: "pb2.TokenAttribution") -> TokenAttribution:
     """Proto message -> the same record the worker produced."""
     return TokenAttribution(
-        depth_gain=list(msg.depth_gain), depth_importance=list(msg.depth_importance),
         family_importance=_rows(msg.family_importance), family_attribution=_rows(msg.family_attribution),
         family_drop=_rows(msg.family_drop),
         top_directions=[Direction(block=d.block, family=_FAMILY_NAME[d.family], index=d.index, score=d.score)
                         for d in msg.top_directions],
-        **{k: getattr(msg, k) for k in _SCALARS})
+        dla_attn_out_directions=[list(b.values) for b in msg.dla_attn_out_directions],
+        **{k: getattr(msg, k) for k in _SCALARS}, **{k: list(getattr(msg, k)) for k in _LISTS})
 
 
 def family_shares(attr: TokenAttribution) -> dict[str, float]:

@@ -32,8 +32,9 @@ Attribution (the quality signals are counted over live Generate tokens only: aud
 teacher-forced, so its tokens need not be the host's own choice):
     alignlens_attribution_step_seconds        histogram  probe time of one engine step (worker)
     alignlens_attributed_tokens_total         counter    tokens that carried an attribution
-    alignlens_probe_top1_total                counter    ... whose probe top-1 was the token;
-                                                         agreement rate = this / attributed
+    alignlens_readout_top1_total              counter    ... that the probe's readout at depth L-1 already
+                                                         ranked first (TokenAttribution.readout_top1);
+                                                         probe/host agreement = this / attributed
     alignlens_crystallization_depth           histogram  one bucket per depth 0..L, and L+1 (never top)
     alignlens_family_importance_share_total{family}  counter  summed per-token family shares
                                                      (server.convert.family_shares); mean = / attributed
@@ -111,8 +112,9 @@ class ServiceMetrics:
                                           buckets=_STEP, registry=r)
         self.attributed_tokens = Counter("alignlens_attributed_tokens",
                                          "Generated tokens that carried an attribution.", registry=r)
-        self.probe_top1 = Counter("alignlens_probe_top1",
-                                  "Attributed tokens whose probe final-depth top candidate was the token.", registry=r)
+        self.readout_top1 = Counter("alignlens_readout_top1",
+                                  "Attributed tokens the probe's readout at depth L-1 already ranked first "
+                                  "(probe/host agreement = this / attributed tokens).", registry=r)
         self.crystallization = Histogram("alignlens_crystallization_depth",
                                          "Crystallization depth of attributed tokens (one bucket per depth; "
                                          "L+1: not the top candidate even at the last depth).",
@@ -152,8 +154,8 @@ class ServiceMetrics:
     def observe_attribution(self, attr: TokenAttribution) -> None:
         """Quality signals of one live token's attribution."""
         self.attributed_tokens.inc()
-        if attr.probe_top1:
-            self.probe_top1.inc()
+        if attr.readout_top1:
+            self.readout_top1.inc()
         self.crystallization.observe(attr.crystallization_depth)
         for family, share in family_shares(attr).items():
             self.family_share.labels(family).inc(share)

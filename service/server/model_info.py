@@ -102,11 +102,14 @@ def probe_info(choice: ProbeChoice, loaded: bool) -> "pb2.ProbeInfo":
         return pb2.ProbeInfo(loaded=False, unavailable_reason=choice.reason or "the probe did not load")
     meta = choice.metadata
     ev = meta.get("evaluation") or {}
+    top1 = ev.get("depth_top1") or []
+    readout_top1 = ev.get("readout_top1_agreement", top1[-2] if len(top1) >= 2 else None)  # depth L-1
     info = pb2.ProbeInfo(
         loaded=True, path=str(choice.path), fingerprint=meta.get("host_fingerprint", ""),
         depth_kl=ev.get("depth_kl") or [], logit_lens_kl=ev.get("logit_lens_kl") or [],
         eval_tokens=int(ev.get("tokens") or 0),
-        **{k: float(ev[k]) for k in ("final_top1_agreement", "faithfulness_spearman", "faithfulness_top_vs_random",
+        **({} if readout_top1 is None else {"readout_top1_agreement": float(readout_top1)}),
+        **{k: float(ev[k]) for k in ("faithfulness_spearman", "faithfulness_top_vs_random",
                                      "null_faithfulness_spearman", "null_faithfulness_top_vs_random")
            if ev.get(k) is not None})
     info.metadata.update(meta)

@@ -230,6 +230,11 @@ def markdown_table(report: dict) -> str:
                       f"(engine logits reused) = {cost['attribution_over_host']:.2f} of the host, "
                       f"{cost['attribution_flops_per_audit_token'] / 1e6:.0f} MFLOP per audited token "
                       f"(own logits) = {cost['audit_attribution_over_host']:.2f}."]
+        if "dla_flops_per_token" in cost:
+            lines += ["", f"Direct logit attribution (inside the above): {cost['dla_flops_per_token'] / 1e6:.3f} MFLOP "
+                          f"per token = {cost['dla_over_host'] * 100:.3f} % of the host; with FULL's split along "
+                          f"attn_out's directions {cost['dla_full_flops_per_token'] / 1e6:.2f} MFLOP = "
+                          f"{cost['dla_full_over_host'] * 100:.2f} %."]
         per_token = cost.get("probe_seconds_per_token")
         if per_token:
             lines += ["", "Probe wall time on one thread (the emitter's), per token: " + ", ".join(
@@ -299,7 +304,8 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
     torch's FlopCounterMode over one Attributor call on one token (summary detail), which
     counts the matrix products of alignment features, probe trunk, heads and readout; for a
     generated token the engine hands over its logits (`attribution_flops_per_token`), for an
-    audited (replayed) token the probe computes them itself (`..._per_audit_token`).
+    audited (replayed) token the probe computes them itself (`..._per_audit_token`). Direct logit
+    attribution is counted alone too (`dla_*`; matrix products only, as everywhere here).
     """
     import torch
     from safetensors import safe_open
@@ -331,6 +337,20 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
                 attributor(resid, mid, torch.tensor([1]), detail=Detail.SUMMARY, logits=logits)
             out[key] = counter.get_total_flops()
         out["attribution_over_host"] = out["attribution_flops_per_token"] / host
+        # direct logit attribution alone (inside the counts above): summary, and FULL's per-direction split
+        from alignlens.probe.dla import direct_logit_attribution
+        from alignlens.probe.model import candidate_set
+        from alignlens.probe.names import FAMILY_INDEX
+
+        top = attributor.host.logits(resid[:, -1]).topk(attributor.top_k).indices
+        ids, valid = candidate_set(top, torch.tensor([1]), attributor.top_k)
+        for key, basis in (("dla_flops_per_token", None),
+                           ("dla_full_flops_per_token", attributor.basis[:, FAMILY_INDEX["attn_out"]])):
+            with FlopCounterMode(display=False) as counter:
+                direct_logit_attribution(attributor.host, resid, mid, torch.tensor([1]), ids, valid, basis)
+            out[key] = counter.get_total_flops()
+        out["dla_over_host"] = out["dla_flops_per_token"] / host
+        out["dla_full_over_host"] = out["dla_full_flops_per_token"] / host
         out["audit_attribution_over_host"] = out["attribution_flops_per_audit_token"] / host
         out["probe_seconds_per_token"] = probe_seconds_per_token(attributor, L, d)
     return out

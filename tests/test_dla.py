@@ -1,0 +1,81 @@
+"""Direct logit attribution (probe/dla.py) against a transformers forward with hooks on the sublayers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignlens.probe.collect_replica import capture
+from alignlens.probe.dla import direct_logit_attribution
+from alignlens.probe.host import Host
+from alignlens.probe.model import candidate_set
+from alignlens.probe.replica import decoder_layers
+from alignlens.probe.svd import load_or_compute
+from tests.support.tiny import tiny_gpt2, tiny_llama
+
+
+def _sublayer_writes(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(attention writes [T, L, d], MLP writes [T, L, d], logits [T, V]) from hooks on each block's
+    attention and MLP modules: what each sublayer adds to the stream, read independently of the
+    captured resid / resid_mid the served DLA is computed from."""
+    layers, arch = decoder_layers(model)
+    attn, mlp = {}, {}
+    hooks = []
+    for i, layer in enumerate(layers):
+        a_mod, m_mod = (layer.self_attn, layer.mlp) if arch == "llama" else (layer.attn, layer.mlp)
+        hooks.append(a_mod.register_forward_hook(lambda _m, _a, out, i=i: attn.__setitem__(i, out[0][0].detach())))
+        hooks.append(m_mod.register_forward_hook(lambda _m, _a, out, i=i: mlp.__setitem__(i, out[0].detach())))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    L = len(layers)
+    return torch.stack([attn[i] for i in range(L)], 1), torch.stack([mlp[i] for i in range(L)], 1), logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dla_splits_the_logit_exactly_and_matches_the_sublayer_writes(arch, tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGNLENS_HOME", str(tmp_path))
+    model = tiny_llama(seed=1, layers=3) if arch == "llama" else tiny_gpt2(seed=1, layers=3)
+    host = Host.from_model(model)
+    prompt, completion = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14]
+    cap = capture(model, prompt, completion)
+    attn_w, mlp_w, logits = _sublayer_writes(model, prompt + completion)
+    rows = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)  # positions deciding the completion
+    attn_w, mlp_w, logits = attn_w[rows], mlp_w[rows], logits[rows]
+    y = cap["token_ids"]
+    ids, valid = candidate_set(logits.topk(8).indices, y, 8)
+    basis = load_or_compute(host, 4).basis[:, 1]
+    dla = direct_logit_attribution(host, cap["resid"], cap["resid_mid"], y, ids, valid, basis)
+
+    # the total is the transformers logit of y minus the mean candidate logit; the parts sum to it
+    mean_c = torch.stack([logits[t, ids[t][valid[t]]].mean() for t in range(len(y))])
+    torch.testing.assert_close(dla["dla_total"], logits.gather(1, y[:, None]).squeeze(1) - mean_c,
+                               rtol=0, atol=1e-4)
+    parts = dla["dla_embed"] + dla["dla_attn"].sum(1) + dla["dla_mlp"].sum(1)
+    torch.testing.assert_close(parts, dla["dla_total"], rtol=0, atol=1e-4)
+
+    # each block's term is the frozen-scale readout of what that sublayer's module returned
+    h_L = cap["resid"][:, -1]
+    u = host.W_U[y] - torch.stack([host.W_U[ids[t][valid[t]]].mean(0) for t in range(len(y))])
+    if arch == "llama":
+        v = torch.rsqrt(h_L.pow(2).mean(-1, keepdim=True) + host.spec.norm_eps) * host.final_norm_weight * u
+    else:
+        s = torch.rsqrt(h_L.var(-1, unbiased=False, keepdim=True) + host.spec.norm_eps)
+        v = s * host.final_norm_weight * u
+        v = v - v.mean(-1, keepdim=True)
+    torch.testing.assert_close(dla["dla_attn"], torch.einsum("tld,td->tl", attn_w, v), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dla["dla_mlp"], torch.einsum("tld,td->tl", mlp_w, v), rtol=1e-4, atol=1e-5)
+
+    # along attn_out's top-k directions: the projection of the bias-free write, k terms per block;
+    # with k = d they would sum to dla_attn minus the bias term
+    dirs = dla["dla_attn_out_directions"]
+    assert dirs.shape == (len(y), host.n_layers, 4)
+    full = load_or_compute(host, host.d_model).basis[:, 1]
+    every = direct_logit_attribution(host, cap["resid"], cap["resid_mid"], y, ids, valid, full)
+    bias_term = torch.einsum("ld,td->tl", host.attn_out_bias, v)
+    torch.testing.assert_close(every["dla_attn_out_directions"].sum(-1) + bias_term, dla["dla_attn"],
+                               rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(every["dla_attn_out_directions"][..., :4], dirs, rtol=1e-3, atol=1e-5)
