@@ -125,7 +125,11 @@ class _LabelFile:
             self.save()
 
     def save(self) -> Path:
-        save_file(self.entries, str(self.path), metadata=self.metadata)
+        """Write atomically (a temporary file renamed over the old one): a reader, e.g. training
+        on the trace while labelling continues, sees the previous file or the new one, never half."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        save_file(self.entries, str(tmp), metadata=self.metadata)
+        tmp.replace(self.path)
         self.pending = 0
         return self.path
 

@@ -198,7 +198,30 @@ def default_eval_sets(model_tf: nn.Module, tokenizer, fingerprint: str, max_toke
 def _ablate(ablator: FastAblator, trace_path: Path, per_prompt: int, seed: int,
             progress: bool) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """Ablations of up to `per_prompt` random rows of every prompt of a trace:
-    (row indices into the trace's token order per prompt, drop [A, L, 3], lin [A, L, 3], resid_mid [A, L, d])."""
+    (row indices into the trace's token order per prompt, drop [A, L, 3], lin [A, L, 3], resid_mid [A, L, d]).
+
+    They depend only on the host, the trace and the basis, not on the probe: cached beside the
+    trace (keyed by a hash of the basis, per_prompt and seed), so evaluating a second probe on the
+    same sets reuses them."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(ablator.basis.numpy().tobytes()).hexdigest()[:12]
+    cache = Path(trace_path).with_name(f"{Path(trace_path).stem}.ablations-{key}-{per_prompt}-{seed}.safetensors")
+    if cache.is_file():
+        t = load_file(str(cache))
+        counts = t["counts"].tolist()
+        rows = list(torch.split(t["rows"], counts))
+        return rows, t["drop"], t["lin"], t["resid_mid"]
+    rows, drop, lin, mid = _ablate_uncached(ablator, trace_path, per_prompt, seed, progress)
+    tmp = cache.with_name(cache.name + ".tmp")
+    save_file({"counts": torch.tensor([r.numel() for r in rows]), "rows": torch.cat(rows), "drop": drop,
+               "lin": lin, "resid_mid": mid}, str(tmp))
+    tmp.replace(cache)
+    return rows, drop, lin, mid
+
+
+def _ablate_uncached(ablator: FastAblator, trace_path: Path, per_prompt: int, seed: int,
+                     progress: bool) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     gen = torch.Generator().manual_seed(seed)
     rows, drops, lins, mids = [], [], [], []
     for i in tqdm(prompt_indices(trace_path), desc="ablation", disable=not progress):

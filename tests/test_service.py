@@ -101,7 +101,9 @@ def test_record_and_proto_fields_match():
     rec = TokenAttribution(token_id=3, depth_gain=[0.5, -0.25], depth_importance=[1.0, 0.0], crystallization_depth=1,
                            family_importance=[[0.5, 0.25, 0.25]], family_attribution=[[2.0, 1.0, 1.0]],
                            top_directions=[Direction(block=1, family="mlp_in", index=4, score=-0.5)],
-                           readout_prob=0.5, readout_top1=True, host_logprob=-0.75)
+                           readout_prob=0.5, readout_top1=True, host_logprob=-0.75,
+                           dla_embed=0.25, dla_attn=[-1.5], dla_mlp=[1.0], dla_total=-0.25,
+                           dla_attn_out_directions=[[0.5, -0.25]])
     assert TokenAttribution.from_dict(rec.to_dict()) == rec
     # the typed wire record survives the side channel's encoding unchanged
     from alignlens.service.engine.wire import Kind, StepMessage, TokenRecord, decode_step, encode_step
@@ -110,6 +112,9 @@ def test_record_and_proto_fields_match():
                        records=[TokenRecord(rid="r", kind=Kind.GEN, index=0, token=3, attr=rec)])
     assert decode_step(encode_step(step)) == step
     assert attribution_from_proto(attribution_to_proto(rec)) == rec
+    from alignlens.service.server.convert import top_dla, top_pair
+
+    assert top_pair(rec) == (1, "qkv", 2.0) and top_dla(rec) == ("attn 1", -1.5)
 
 
 def test_health_reflection_and_model_info(server, tiny_llama, probe_path):

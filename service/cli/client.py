@@ -1,7 +1,9 @@
 """Client commands: `alignlens generate`, `alignlens audit`, `alignlens info` (service/client.py).
 
-`generate` streams one line per token: its text, logprob, crystallization depth and the
-weight family that carried most of the decision (server.convert.dominant_family); `--json` prints
+`generate` streams one line per token: its text, logprob, crystallization depth, the weight
+family that carried most of the decision (server.convert.dominant_family), the (block, family) the
+probe attributes most to (server.convert.top_pair: the block named, with its predicted effect in
+nats) and the largest direct-logit component (server.convert.top_dla); `--json` prints
 JSON lines instead (one per token, then one `finished` object).
 
 `audit --in logs.jsonl --out out.jsonl` reads one logged generation per line,
@@ -95,7 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
     import grpc
 
     from alignlens.service.client import parse_intervention
-    from alignlens.service.server.convert import attribution_from_proto, dominant_family, token_to_dict
+    from alignlens.service.server.convert import attribution_from_proto, dominant_family, token_to_dict, top_dla, top_pair
 
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     with _connect(args) as client:
@@ -108,7 +110,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                  detail=args.detail, interventions=interventions)
         try:
             if not args.json:
-                print(f"{'#':>4}  {'token':<18} {'logprob':>8}  {'cryst':>5}  dominant family", flush=True)
+                print(f"{'#':>4}  {'token':<18} {'logprob':>8}  {'cryst':>5}  {'dominant family':<20} "
+                      f"{'top (block, family)':<24} top direct logit", flush=True)
             for token in stream:
                 row = token_to_dict(token)
                 if args.json:
@@ -120,10 +123,13 @@ def run_generate(args: argparse.Namespace) -> int:
                     family, share = dominant_family(attr)
                     cryst = f"{attr.crystallization_depth:5d}"
                     fam = f"{family} ({share:.2f})" if share > 0 else "none supported it"
+                    pair, dla = top_pair(attr), top_dla(attr)
+                    pair_s = f"block {pair[0]} {pair[1]} {pair[2]:.2f} nats" if pair else "-"
+                    dla_s = f"{dla[0]} {dla[1]:+.2f}" if dla else "-"
                 else:
-                    cryst, fam = f"{'-':>5}", "-"
-                print(f"{row['index']:4d}  {json.dumps(row['text'], ensure_ascii=False):<18} {lp}  {cryst}  {fam}",
-                      flush=True)
+                    cryst, fam, pair_s, dla_s = f"{'-':>5}", "-", "-", "-"
+                print(f"{row['index']:4d}  {json.dumps(row['text'], ensure_ascii=False):<18} {lp}  {cryst}  {fam:<20} "
+                      f"{pair_s:<24} {dla_s}", flush=True)
         except grpc.RpcError as err:
             print(f"alignlens generate: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1

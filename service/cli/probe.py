@@ -1,9 +1,10 @@
-"""`alignlens probe collect|train|eval`: CLI glue around probe/ (the science lives there).
+"""`alignlens probe collect|label|train|eval`: CLI glue around probe/ (the science lives there).
 
 collect  generate with vLLM (the capture engine, alignlens.service.engine.trace) from the shipped prompt set or a JSONL
          file, write the trace, then compute on the transformers replica the host-gradient labels of
          every row and the ablation labels of a sample of rows (probe.collect_replica).
          `--engine replica` generates with transformers instead (no vLLM).
+label    the same replica labels for an existing trace (resumable; e.g. after `collect --label-rows 0`).
 train    fit a probe on one or more traces and write the artifact (probe.train.train_artifact).
 eval     METHOD.md section 6 numbers on held-out generated tokens (probe.evaluate); `--json` prints one
          JSON object as the last line; `--write` stores it in the artifact and beside it.
@@ -40,10 +41,8 @@ def _load_replica(checkpoint: Path):
 def _collect(args: argparse.Namespace) -> int:
     import torch
 
-    from alignlens.probe.collect_replica import collect, label_gradients, label_trace
-    from alignlens.probe.host import Host
+    from alignlens.probe.collect_replica import collect
     from alignlens.probe.prompts import encode_row, read_prompts, split
-    from alignlens.probe.svd import load_or_compute
 
     torch.set_num_threads(args.threads)
     config = config_from_args(EngineConfig, args)
@@ -68,15 +67,36 @@ def _collect(args: argparse.Namespace) -> int:
         collect(model, prompt_ids, args.max_tokens, args.temperature, out, seed=args.seed,
                 eos_token_id=tokenizer.eos_token_id, metadata={"model": str(checkpoint)})
     log.info("collect: %d prompts traced to %s", len(prompt_ids), out)
+    _label_trace(model, checkpoint, out, args)
+    print(out)
+    return 0
+
+
+def _label_trace(model, checkpoint: Path, trace: Path, args: argparse.Namespace) -> None:
+    """Host-gradient labels of every row and ablation labels of `--label-rows` random rows per
+    prompt (probe.collect_replica; both resumable), on the transformers replica."""
+    from alignlens.probe.collect_replica import label_gradients, label_trace
+    from alignlens.probe.host import Host
+    from alignlens.probe.svd import load_or_compute
+
     host = Host.from_checkpoint(checkpoint)
     factors = load_or_compute(host, args.k)
     if args.gradients:
-        grads = label_gradients(model, factors.basis, host.attn_out_bias, out)
-        log.info("collect: host-gradient labels in %s", grads)
+        grads = label_gradients(model, factors.basis, host.attn_out_bias, trace)
+        log.info("label: host-gradient labels in %s", grads)
     if args.label_rows > 0:
-        labels = label_trace(model, factors.basis, host.attn_out_bias, out, args.label_rows, seed=args.seed)
-        log.info("collect: ablation labels in %s", labels)
-    print(out)
+        labels = label_trace(model, factors.basis, host.attn_out_bias, trace, args.label_rows, seed=args.seed)
+        log.info("label: ablation labels in %s", labels)
+
+
+def _label(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    checkpoint = _checkpoint(args.model)
+    model, _ = _load_replica(checkpoint)
+    _label_trace(model, checkpoint, Path(args.data), args)
+    print(args.data)
     return 0
 
 
@@ -151,7 +171,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `probe` with its `collect`, `train` and `eval` subcommands."""
+    """Register `probe` with its `collect`, `label`, `train` and `eval` subcommands."""
     parser = subparsers.add_parser("probe", help="collect data for, train and evaluate the attribution probe")
     sub = parser.add_subparsers(dest="probe_command", required=True)
 
@@ -171,6 +191,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True, help="trace file to write (.safetensors)")
     add_config_args(c, EngineConfig)
     c.set_defaults(func=_collect)
+
+    lb = sub.add_parser("label", help="add (or finish) replica labels on an existing trace: host gradients of every "
+                                      "row, ablations of a sample of rows (resumable)")
+    lb.add_argument("--model", default="default", help="'default' or a local checkpoint folder")
+    lb.add_argument("--data", required=True, help="trace file (.safetensors)")
+    lb.add_argument("--label-rows", type=int, default=6, help="ablation-labelled rows per prompt (0 = none)")
+    lb.add_argument("--gradients", action=argparse.BooleanOptionalAction, default=True,
+                    help="host-gradient labels for every row")
+    lb.add_argument("--k", type=int, default=32, help="singular directions per (block, family)")
+    lb.add_argument("--seed", type=int, default=0, help="which rows are ablated")
+    lb.add_argument("--threads", type=int, default=1, help="torch threads for the replica")
+    lb.set_defaults(func=_label)
 
     t = sub.add_parser("train", help="train a probe on traces and write its artifact")
     t.add_argument("--model", default="default", help="'default' or a local checkpoint folder")

@@ -6,7 +6,8 @@ between them, in both directions (server: record -> proto; client: proto -> reco
 only place the proto's AttributionDetail meets the one `Detail` enum. A field added to one side
 and not the other fails at import, loudly.
 
-Derived view used by metrics and the CLI: `family_shares(attr)`: one share per family for
+Derived views used by metrics and the CLI: `top_pair(attr)` (the largest family_attribution's
+block and family), `top_dla(attr)` (the largest direct-logit component), and `family_shares(attr)`: one share per family for
 the whole decision, the per-block family shares averaged with the depth importance of each
 block's output as weights (blocks that did not move the decision do not dilute it):
     raw_f = sum_l depth_importance[l] * family_importance[l-1][f]   over blocks l = 1..L
@@ -111,6 +112,27 @@ def dominant_family(attr: TokenAttribution) -> tuple[str, float]:
     shares = family_shares(attr)
     family = max(shares, key=shares.get)
     return family, shares[family]
+
+
+def top_pair(attr: TokenAttribution) -> tuple[int, str, float] | None:
+    """(block 1..L, family, nats) of the largest family_attribution: the (block, family) whose
+    ablation the probe predicts would change log p(token) most; None without one."""
+    best = None
+    for i, row in enumerate(attr.family_attribution):
+        for f, value in zip(FAMILIES, row, strict=True):
+            if best is None or value > best[2]:
+                best = (i + 1, f, value)
+    return best
+
+
+def top_dla(attr: TokenAttribution) -> tuple[str, float] | None:
+    """The component with the largest |direct logit attribution|: ("embed" | "attn L" | "mlp L",
+    logit nats); None when the record has no DLA."""
+    if not attr.dla_attn:
+        return None
+    parts = [("embed", attr.dla_embed)] + [(f"attn {i + 1}", v) for i, v in enumerate(attr.dla_attn)] + \
+        [(f"mlp {i + 1}", v) for i, v in enumerate(attr.dla_mlp)]
+    return max(parts, key=lambda p: abs(p[1]))
 
 
 def token_to_dict(token: "pb2.Token") -> dict:
