@@ -163,13 +163,16 @@ class Attributor:
 
     # ---- records ------------------------------------------------------------------------------
     def __call__(self, resid: Tensor, resid_mid: Tensor, token_ids: Tensor, detail: Detail = Detail.SUMMARY,
-                 logits: Tensor | None = None) -> list[TokenAttribution]:
+                 logits: Tensor | None = None, heads: Tensor | None = None) -> list[TokenAttribution]:
         """TokenAttribution for each of the N decisions: resid [N, L+1, d], resid_mid [N, L, d],
         token_ids [N] (the emitted tokens). Detail.FULL adds top_directions and dla_attn_out_directions.
 
         logits [N, V]: the host's own final logits for these rows when the engine already computed
         them (the sampler's input, before temperature or penalties); the probe then skips its own
         unembedding pass, the largest part of its cost (V*d multiply-adds and all of W_U read per call).
+
+        heads [N, L, H * head_dim]: the heads' outputs (o_proj inputs) captured by the engine; at
+        Detail.FULL they add dla_heads.
         """
         if detail not in (Detail.SUMMARY, Detail.FULL):
             raise ValueError(f"detail must be Detail.SUMMARY or Detail.FULL, got {detail!r}")
@@ -186,10 +189,13 @@ class Attributor:
         out = self.compute(resid, resid_mid, token_ids, logits)
         directions: list[list[Direction]] = [[] for _ in range(N)]
         dirs_dla: list[list[list[float]]] = [[] for _ in range(N)]
+        heads_dla: list[list[list[float]]] = [[] for _ in range(N)]
         if detail == Detail.FULL:
-            dirs_dla = direct_logit_attribution(
-                self.host, resid, resid_mid, out["token_ids"], out["cand_ids"], out["cand_valid"],
-                self.basis[:, FAMILY_INDEX["attn_out"]])["dla_attn_out_directions"].cpu().tolist()
+            full = direct_logit_attribution(self.host, resid, resid_mid, out["token_ids"], out["cand_ids"],
+                                            out["cand_valid"], self.basis[:, FAMILY_INDEX["attn_out"]], heads)
+            dirs_dla = full["dla_attn_out_directions"].cpu().tolist()
+            if "dla_heads" in full:
+                heads_dla = full["dla_heads"].cpu().tolist()
             top, scores = self.direction_scores(out)
             idx = scores.abs().topk(min(FULL_DIRECTIONS, scores.shape[1]), dim=1).indices
             vals = scores.gather(1, idx)
@@ -207,5 +213,5 @@ class Attributor:
             readout_prob=cols["readout_prob"][t], readout_top1=cols["readout_top1"][t],
             host_logprob=cols["host_logprob"][t], family_attribution=cols["family_attribution"][t],
             dla_embed=cols["dla_embed"][t], dla_attn=cols["dla_attn"][t], dla_mlp=cols["dla_mlp"][t],
-            dla_total=cols["dla_total"][t], dla_attn_out_directions=dirs_dla[t])
+            dla_total=cols["dla_total"][t], dla_attn_out_directions=dirs_dla[t], dla_heads=heads_dla[t])
             for t in range(N)]

@@ -23,10 +23,15 @@ transformers forward).
     dla_attn_out_directions [N, L, k]  (Detail.FULL) the attention write's part along each of the
                       top-k left singular directions of o_proj: (U_j . (a_l - b_o)) (U_j . v). The
                       rest of v . a_l is the bias b_o and the write outside the top-k span.
+    dla_heads [N, L, H]  (Detail.FULL, from the heads' outputs z = [z_1 | ... | z_H], the input of
+                      o_proj, captured in the forward: service/vllm_plugin/heads.py) head h's write
+                      W_O[:, h] z_h read out: (W_O[:, h]^T v) . z_h. Over heads they sum to
+                      dla_attn[l] minus the bias's v . b_o (before any attn_out intervention).
 
 A direct effect only: what later blocks do with a write is not in it (METHOD.md section 7). Cost
 per token: (2L + 1) dot products of d plus the |C| rows of W_U averaged, ~0.06 M multiply-adds for
-SmolLM2-135M (0.05 % of the host's forward); the directions add L*k*d (0.6 M).
+SmolLM2-135M (0.05 % of the host's forward); the directions add L*k*d (0.6 M); the heads
+L*d*H*head_dim (10 M, 7 %: only at Detail.FULL).
 """
 
 from __future__ import annotations
@@ -61,10 +66,12 @@ def logit_direction(host: Host, h_last: Tensor, token_ids: Tensor, cand_ids: Ten
 
 
 def direct_logit_attribution(host: Host, resid: Tensor, resid_mid: Tensor, token_ids: Tensor, cand_ids: Tensor,
-                             cand_valid: Tensor, attn_out_basis: Tensor | None = None) -> dict[str, Tensor]:
+                             cand_valid: Tensor, attn_out_basis: Tensor | None = None,
+                             heads: Tensor | None = None) -> dict[str, Tensor]:
     """DLA for N decisions (see module docstring): resid [N, L+1, d], resid_mid [N, L, d].
 
-    attn_out_basis [L, k, d] (the attn_out rows of probe.svd's basis) adds dla_attn_out_directions."""
+    attn_out_basis [L, k, d] (the attn_out rows of probe.svd's basis) adds dla_attn_out_directions;
+    heads [N, L, H * head_dim] (the o_proj inputs) adds dla_heads."""
     resid, mid = resid.float(), resid_mid.float()
     v, bias, total = logit_direction(host, resid[:, -1], token_ids, cand_ids, cand_valid)
     attn = mid - resid[:, :-1]  # a_l [N, L, d]
@@ -76,6 +83,10 @@ def direct_logit_attribution(host: Host, resid: Tensor, resid_mid: Tensor, token
     if attn_out_basis is not None:
         comp = torch.einsum("lkd,nld->nlk", attn_out_basis, attn - host.attn_out_bias)
         out["dla_attn_out_directions"] = comp * torch.einsum("lkd,nd->nlk", attn_out_basis, v)
+    if heads is not None:
+        n, L = heads.shape[0], heads.shape[1]
+        w_v = torch.einsum("lde,nd->nle", host.attn_out_weights(v.device), v)  # W_O^T v per block
+        out["dla_heads"] = (w_v * heads.float()).view(n, L, host.spec.n_heads, -1).sum(-1)
     return out
 
 

@@ -249,6 +249,16 @@ class Host:
             return self._linear(p + "mlp.gate_up_proj.weight")
         return torch.cat([self._linear(p + "mlp.gate_proj.weight"), self._linear(p + "mlp.up_proj.weight")])
 
+    def attn_out_weights(self, device: torch.device | str | None = None) -> Tensor:
+        """Every block's attention output projection [L, d, heads*head_dim] float32 (built once,
+        kept on the device asked for): per-head direct logit attribution reads it."""
+        w = getattr(self, "_attn_out_w", None)
+        if w is None or (device is not None and w.device != torch.device(device)):
+            w = torch.stack([self.family_matrix(i, "attn_out") for i in range(self.n_layers)])
+            w = w.to(device) if device is not None else w
+            self._attn_out_w = w
+        return w
+
     def describe(self) -> dict:
         """The family map stored in artifacts: which checkpoint tensors make each family."""
         if self.family == "gpt2":

@@ -69,6 +69,9 @@ class TokenAttribution(msgspec.Struct):
     dla_total: float = 0.0  # logit_y - mean over the candidate set, from h_L
     # [L][k] Detail.FULL and above: dla_attn along o_proj's top-k left singular directions
     dla_attn_out_directions: list[list[float]] = []
+    # [L][H] Detail.FULL and above, when the engine captured the heads' outputs: each attention
+    # head's write read out; per block they sum to dla_attn minus the o_proj bias's term
+    dla_heads: list[list[float]] = []
 
     def to_dict(self) -> dict:
         """Plain dict of plain lists (JSON-ready), the layout `from_dict` reads."""

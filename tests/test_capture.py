@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,13 +70,16 @@ def test_trace_inproc_matches_replica(arch, tiny_llama, tiny_gpt2, tmp_path):
 async def _default_config_session(model_dir):
     from vllm import SamplingParams
 
+    from alignlens.probe.record import Detail
     from alignlens.service.engine.async_engine import CaptureEngine
     from alignlens.service.engine.config import EngineConfig
     from alignlens.service.engine.trace import trace_with_engine
     from alignlens.service.engine.wire import CaptureOptions
+    from tests.support.tiny import make_probe_artifact
 
+    probe = make_probe_artifact(model_dir, Path(model_dir).parent / "compiled-session-probe.safetensors")
     engine = await CaptureEngine.start(EngineConfig(model=str(model_dir), max_model_len=512,
-                                                    max_num_batched_tokens=64))
+                                                    max_num_batched_tokens=64), probe_path=str(probe))
     try:
         assert engine.attach_info["model_class"] == "CaptureLlamaForCausalLM"
         ids = [engine_tokenize(model_dir, p) for p in PROMPTS]
@@ -107,6 +111,18 @@ async def _default_config_session(model_dir):
 
         intervened, beside = await asyncio.gather(tokens_of("iv-long", ids[2], iv_opts),
                                                   tokens_of("iv-plain", ids[0], None))
+        # detail FULL in the compiled forward: the heads' outputs (copied inside the graph into the
+        # o_proj's buffer, vllm_plugin/heads.py) give per-head DLA that sums to each block's
+        # attention term, computed independently from resid / resid_mid
+        full = []
+        async for _out, joined in engine.generate("heads", ids[2], SamplingParams(max_tokens=4, ignore_eos=True),
+                                                  CaptureOptions(rid="heads", detail=Detail.FULL)):
+            full += [t.attr for t in joined]
+        assert len(full) == 4
+        for a in full:
+            assert len(a.dla_heads) == len(a.dla_attn) and a.dla_heads[0]
+            for per_head, attn in zip(a.dla_heads, a.dla_attn, strict=True):
+                assert abs(sum(per_head) - attn) < 1e-4 + 1e-4 * abs(attn), (per_head, attn)
         # one more request so the worker sees the abort in its next step
         await trace_with_engine(engine, [ids[1]], max_tokens=2)
         await asyncio.sleep(0.2)

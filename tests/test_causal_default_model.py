@@ -1,6 +1,7 @@
 """On the real default model (SmolLM2-135M-Instruct, shipped probe): an intervention changes the
-engine's greedy output exactly as on the transformers replica, and a CAUSAL Audit's family_drop
-equals probe.ablation's exact drops within 1e-3 nats."""
+engine's greedy output exactly as on the transformers replica, a CAUSAL Audit's family_drop
+equals probe.ablation's exact drops within 1e-3 nats, the served direct logit attribution splits the
+replica's logit exactly, and ProbeInfo reports the shipped artifact's evaluation."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def test_default_model_interventions_and_family_drop(default_model, tmp_path):
         assert ablated == want
         assert greedy(model, prompt, 6)[0] == tokens
         audit = c.audit(prompt, tokens, detail="causal", causal_indices=[0, 1])
+        info = c.model_info().probe
+    # ProbeInfo carries the shipped artifact's evaluation (probe/artifacts/*.eval.json)
+    import json
+
+    ev = json.loads(default_artifact_path(default_model).with_suffix(".eval.json").read_text())
+    assert info.loaded and info.readout_top1_agreement == pytest.approx(ev["readout_top1_agreement"], abs=1e-6)
+    assert info.faithfulness_spearman == pytest.approx(ev["faithfulness_spearman"], abs=1e-6)
+    assert list(info.depth_kl) == pytest.approx(ev["depth_kl"], abs=1e-6)
+    assert "tuned_lens_kl" in info.metadata["evaluation"] and "headline" in info.metadata["evaluation"]
+    assert list(info.tuned_lens_kl) == pytest.approx(ev["tuned_lens_kl"], abs=1e-6)
+    head = ev["headline"]["faithfulness"]
+    assert info.mean_profile_faithfulness_spearman == pytest.approx(
+        head["mean_profile"]["per_token_spearman"]["value"], abs=1e-6)
+    assert info.top_pair_hit == pytest.approx(head["family_attribution"]["top_pair_hit"]["value"], abs=1e-6)
+    # direct logit attribution on the engine: the parts sum to the total, and the total is the
+    # replica's logit of y minus the mean logit over the candidate set (host top-32 plus y)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    for j, tok in enumerate(stream.tokens):
+        a = tok.attribution
+        assert abs(a.dla_embed + sum(a.dla_attn) + sum(a.dla_mlp) - a.dla_total) < 1e-4
+        cand = set(logits[j].topk(32).indices.tolist()) | {tokens[j]}
+        want = (logits[j, tokens[j]] - logits[j, sorted(cand)].mean()).item()
+        assert a.dla_total == pytest.approx(want, abs=2e-3), (j, a.dla_total, want)
     ablator = DecisionAblator(model, basis, bias)
     idx = torch.tensor([0, 1])
     _base, drop = ablator.drops(torch.tensor(prompt + tokens), len(prompt) - 1 + idx, torch.tensor(tokens)[idx])

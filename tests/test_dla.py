@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alignlens.probe.collect_replica import capture
-from alignlens.probe.dla import direct_logit_attribution
+from alignlens.probe.dla import direct_logit_attribution, logit_direction
 from alignlens.probe.host import Host
 from alignlens.probe.model import candidate_set
 from alignlens.probe.replica import decoder_layers
@@ -79,3 +79,44 @@ def test_dla_splits_the_logit_exactly_and_matches_the_sublayer_writes(arch, tmp_
     torch.testing.assert_close(every["dla_attn_out_directions"].sum(-1) + bias_term, dla["dla_attn"],
                                rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(every["dla_attn_out_directions"][..., :4], dirs, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dla_heads_are_each_heads_write_read_out(arch, tmp_path, monkeypatch):
+    """dla_heads from the o_proj input (what the engine captures) = each head's write, obtained by
+    running the model's own output projection on that head alone, read out through v."""
+    monkeypatch.setenv("ALIGNLENS_HOME", str(tmp_path))
+    model = tiny_llama(seed=2, layers=2) if arch == "llama" else tiny_gpt2(seed=2, layers=2)
+    host = Host.from_model(model)
+    layers, _ = decoder_layers(model)
+    projs = [layer.self_attn.o_proj if arch == "llama" else layer.attn.c_proj for layer in layers]
+    z = {}
+    hooks = [p.register_forward_pre_hook(lambda _m, args, i=i: z.__setitem__(i, args[0][0].detach()))
+             for i, p in enumerate(projs)]
+    prompt, completion = [3, 4, 5], [6, 7, 8, 9]
+    try:
+        cap = capture(model, prompt, completion)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = torch.arange(len(prompt) - 1, len(prompt) + len(completion) - 1)
+    heads = torch.stack([z[i][rows] for i in range(len(projs))], 1)  # [T, L, H*dh]
+    y = cap["token_ids"]
+    logits = host.logits(cap["resid"][:, -1])
+    ids, valid = candidate_set(logits.topk(8).indices, y, 8)
+    dla = direct_logit_attribution(host, cap["resid"], cap["resid_mid"], y, ids, valid, heads=heads)
+    H, dh = host.spec.n_heads, host.spec.head_dim
+    assert dla["dla_heads"].shape == (len(y), len(projs), H)
+    v, _, _ = logit_direction(host, cap["resid"][:, -1], y, ids, valid)
+    for i, proj in enumerate(projs):
+        bias = host.attn_out_bias[i]
+        for h in range(H):
+            alone = torch.zeros_like(heads[:, i])
+            alone[:, h * dh:(h + 1) * dh] = heads[:, i, h * dh:(h + 1) * dh]
+            with torch.no_grad():
+                out = proj(alone)
+            write = (out[0] if isinstance(out, tuple) else out) - bias  # head h's write, bias removed
+            torch.testing.assert_close(dla["dla_heads"][:, i, h], (write * v).sum(-1), rtol=1e-4, atol=1e-5)
+        # over heads: the attention write's term minus the bias's
+        torch.testing.assert_close(dla["dla_heads"][:, i].sum(-1) + (bias * v).sum(-1), dla["dla_attn"][:, i],
+                                   rtol=1e-4, atol=1e-4)

@@ -34,28 +34,30 @@ def _rows(kinds: list[Kind]) -> tuple[list[Row], torch.Tensor]:
 
 def test_split_step_gen_only_is_one_item_unchanged():
     rows, tensors = _rows([GEN] * 5)
-    [(priority, part, t)] = split_step(rows, tensors)
-    assert priority == GEN_PRIORITY and part == rows and t is tensors
+    [(priority, part, t, h)] = split_step(rows, tensors)
+    assert priority == GEN_PRIORITY and part == rows and t is tensors and h is None
 
 
 def test_split_step_separates_kinds_and_pieces_replay():
     n_replay = 2 * REPLAY_PIECE_ROWS + 3
     kinds = [REPLAY] * 10 + [GEN, GEN] + [REPLAY] * (n_replay - 10)
     rows, tensors = _rows(kinds)
-    items = split_step(rows, tensors)
-    assert [p for p, _, _ in items] == [GEN_PRIORITY] + [REPLAY_PRIORITY] * 3
-    assert [len(r) for _, r, _ in items] == [2, REPLAY_PIECE_ROWS, REPLAY_PIECE_ROWS, 3]
-    for _, part, t in items:  # every row keeps its own tensor row
+    heads = tensors[:, :2, :1] * 10  # [rows, L, width]: the heads' outputs travel with their rows
+    items = split_step(rows, tensors, heads)
+    assert [p for p, _, _, _ in items] == [GEN_PRIORITY] + [REPLAY_PRIORITY] * 3
+    assert [len(r) for _, r, _, _ in items] == [2, REPLAY_PIECE_ROWS, REPLAY_PIECE_ROWS, 3]
+    for _, part, t, h in items:  # every row keeps its own tensor row
         assert [r.batch_index for r in part] == t[:, 0, 0].long().tolist()
+        assert [10 * r.batch_index for r in part] == h[:, 0, 0].long().tolist()
         assert len({r.kind for r in part}) == 1
-    assert sorted(r.batch_index for _, part, _ in items for r in part) == list(range(len(rows)))
+    assert sorted(r.batch_index for _, part, _, _ in items for r in part) == list(range(len(rows)))
 
 
 def test_emitter_runs_generation_before_queued_replay(monkeypatch):
     done: list[tuple[int, str]] = []
     gate, started = threading.Event(), threading.Event()
 
-    def fake_build(step, rows, tensors):
+    def fake_build(step, rows, tensors, heads=None):
         started.set()
         gate.wait(10)
         done.append((step, rows[0].kind))
@@ -94,7 +96,7 @@ def test_idle_helper_piece_stuck_is_recomputed_and_sent_once(monkeypatch, pinned
     emitter_busy, release_emitter = threading.Event(), threading.Event()
     helper_took, release_helper = threading.Event(), threading.Event()
 
-    def fake_build(step, rows, tensors):
+    def fake_build(step, rows, tensors, heads=None):
         if rows[0].kind == GEN:  # only the emitter thread takes generation rows
             emitter_busy.set()
             release_emitter.wait(10)

@@ -103,7 +103,7 @@ def test_record_and_proto_fields_match():
                            top_directions=[Direction(block=1, family="mlp_in", index=4, score=-0.5)],
                            readout_prob=0.5, readout_top1=True, host_logprob=-0.75,
                            dla_embed=0.25, dla_attn=[-1.5], dla_mlp=[1.0], dla_total=-0.25,
-                           dla_attn_out_directions=[[0.5, -0.25]])
+                           dla_attn_out_directions=[[0.5, -0.25]], dla_heads=[[-1.0, -0.5]])
     assert TokenAttribution.from_dict(rec.to_dict()) == rec
     # the typed wire record survives the side channel's encoding unchanged
     from alignlens.service.engine.wire import Kind, StepMessage, TokenRecord, decode_step, encode_step
@@ -162,6 +162,12 @@ def test_generate_fields_and_shapes(server, tiny_llama):
                    for d in a["top_directions"])
         # vLLM's sampler logprob and the probe's host logprob come from the same logits
         assert math.isclose(a["host_logprob"], t["logprob"], rel_tol=1e-3, abs_tol=1e-4)
+        # direct logit attribution: the parts sum to the total; per head (captured in the forward)
+        # they sum to the attention write's term (the tiny Llama's o_proj has no bias)
+        assert abs(a["dla_embed"] + sum(a["dla_attn"]) + sum(a["dla_mlp"]) - a["dla_total"]) < 1e-4
+        assert len(a["dla_heads"]) == L and len(a["dla_attn_out_directions"]) == L
+        for per_head, attn in zip(a["dla_heads"], a["dla_attn"], strict=True):
+            assert abs(sum(per_head) - attn) < 1e-4 + 1e-4 * abs(attn), (per_head, attn)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     assert list(fin.prompt_token_ids) == tokenizer(PROMPTS[0])["input_ids"]
     ids = [t["token_id"] for t in tokens]
@@ -198,7 +204,7 @@ def _close(a, b, rtol: float = 1e-3, atol: float = 1e-5) -> bool:
 def test_live_and_audit_agree(server):
     """Live decode rows and one teacher-forced replay pass give the same attributions."""
     continuous = ("depth_gain", "depth_importance", "family_importance", "family_attribution", "readout_prob",
-                  "host_logprob")
+                  "host_logprob", "dla_attn", "dla_mlp", "dla_total", "dla_heads")
     discrete_same, discrete_total, worst = 0, 0, 0.0
     for prompt in PROMPTS[:4]:
         live, fin = _generate(server.client, prompt, max_tokens=32, temperature=0, ignore_eos=True, detail="full")

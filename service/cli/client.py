@@ -97,7 +97,13 @@ def run_generate(args: argparse.Namespace) -> int:
     import grpc
 
     from alignlens.service.client import parse_intervention
-    from alignlens.service.server.convert import attribution_from_proto, dominant_family, token_to_dict, top_dla, top_pair
+    from alignlens.service.server.convert import (
+        attribution_from_proto,
+        dominant_family,
+        token_to_dict,
+        top_dla,
+        top_pair,
+    )
 
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
     with _connect(args) as client:

@@ -72,6 +72,8 @@ def attribution_to_proto(attr: TokenAttribution) -> "pb2.TokenAttribution":
         **{k: getattr(attr, k) for k in _SCALARS + _LISTS})
     for row in attr.dla_attn_out_directions:
         msg.dla_attn_out_directions.add(values=row)
+    for row in attr.dla_heads:
+        msg.dla_heads.add(values=row)
     _add_per_family(msg.family_importance, attr.family_importance)
     _add_per_family(msg.family_attribution, attr.family_attribution)
     _add_per_family(msg.family_drop, attr.family_drop)
@@ -92,6 +94,7 @@ def attribution_from_proto(msg: "pb2.TokenAttribution") -> TokenAttribution:
         top_directions=[Direction(block=d.block, family=_FAMILY_NAME[d.family], index=d.index, score=d.score)
                         for d in msg.top_directions],
         dla_attn_out_directions=[list(b.values) for b in msg.dla_attn_out_directions],
+        dla_heads=[list(b.values) for b in msg.dla_heads],
         **{k: getattr(msg, k) for k in _SCALARS}, **{k: list(getattr(msg, k)) for k in _LISTS})
 
 

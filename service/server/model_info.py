@@ -112,6 +112,14 @@ def probe_info(choice: ProbeChoice, loaded: bool) -> "pb2.ProbeInfo":
         **{k: float(ev[k]) for k in ("faithfulness_spearman", "faithfulness_top_vs_random",
                                      "null_faithfulness_spearman", "null_faithfulness_top_vs_random")
            if ev.get(k) is not None})
+    f = (ev.get("headline") or {}).get("faithfulness") or {}
+    fa, mp = f.get("family_attribution") or {}, f.get("mean_profile") or {}
+    for name, src, metric in (("mean_profile_faithfulness_spearman", mp, "per_token_spearman"),
+                              ("share_centered_spearman", fa, "share_centered_spearman"),
+                              ("top_pair_hit", fa, "top_pair_hit"), ("mean_profile_top_pair_hit", mp, "top_pair_hit")):
+        if metric in src:
+            setattr(info, name, float(src[metric]["value"]))
+    info.tuned_lens_kl.extend(ev.get("tuned_lens_kl") or [])
     info.metadata.update(meta)
     return info
 

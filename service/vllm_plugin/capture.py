@@ -7,7 +7,7 @@
      after it -> `on_forward(stream)`: `stream` is the 2L+1 tensors
      [h_0, m_1, h_1, ..., m_L, h_L], each [num_tokens, d_model]. Only rows that decide a
      token are copied out (rows.select_rows; index_select also detaches them from CUDA-graph
-     buffers).
+     buffers), with the heads' outputs at the same rows (heads.py: [rows, L, H * head_dim]).
   3. `_sample` (wrapped): the host logits of attributed generation rows are copied
      (keep_logits), then the sampled token of each generation row becomes known (on_sampled).
   4. emit (emitter.py, on a background thread by default): the probe runs once, batched, over
@@ -27,7 +27,7 @@ import torch
 
 from alignlens.service.engine.channel import CaptureSender
 from alignlens.service.engine.wire import CaptureOptions, Kind
-from alignlens.service.vllm_plugin import internals, interventions
+from alignlens.service.vllm_plugin import heads, internals, interventions
 from alignlens.service.vllm_plugin.emitter import BackgroundEmitter, emit_step, split_step
 from alignlens.service.vllm_plugin.rows import attributed_gen_rows, join_sampled, select_rows
 from alignlens.service.vllm_plugin.state import STATE
@@ -72,6 +72,7 @@ def on_forward(stream: list[torch.Tensor]) -> None:
         return
     idx = torch.tensor(index, dtype=torch.long, device=stream[0].device)
     st.tensors = torch.stack([t.index_select(0, idx) for t in stream], dim=1)
+    st.heads = heads.rows(st.head_buffers, idx)
     st.rows = rows
 
 
@@ -103,16 +104,16 @@ def on_sampled(sampled_token_ids: torch.Tensor | None) -> None:
     st = STATE
     if not st.rows:
         return
-    rows, tensors = st.rows, st.tensors
-    st.rows, st.tensors = [], None
+    rows, tensors, head_out = st.rows, st.tensors, st.heads
+    st.rows, st.tensors, st.heads = [], None, None
     if any(r.kind == Kind.GEN for r in rows):
         join_sampled(rows, sampled_token_ids[:, 0].tolist() if sampled_token_ids is not None else [])
     st.step += 1
-    for priority, part_rows, part_tensors in split_step(rows, tensors):
+    for priority, part_rows, part_tensors, part_heads in split_step(rows, tensors, head_out):
         if st.emitter is not None:
-            st.emitter.submit(st.step, part_rows, part_tensors, priority)
+            st.emitter.submit(st.step, part_rows, part_tensors, priority, part_heads)
         else:
-            emit_step(st.step, part_rows, part_tensors)
+            emit_step(st.step, part_rows, part_tensors, part_heads)
 
 
 def _before_step(finished_req_ids) -> None:
@@ -120,7 +121,7 @@ def _before_step(finished_req_ids) -> None:
     for req_id in finished_req_ids:
         st.active.pop(req_id, None)
     if st.rows:  # a step whose sampling never ran: its rows decide nothing
-        st.rows, st.tensors = [], None
+        st.rows, st.tensors, st.heads = [], None, None
     st.in_step = True
 
 
@@ -135,6 +136,7 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
     [L, 3, k, d], attn_out bias [L, d] or None) for the model's intervention hooks."""
     st = STATE
     hooks = interventions.find_hooks(runner.get_model())
+    st.head_buffers = heads.find(runner.get_model())
     if hooks and bases is not None:
         st.intervention_k = interventions.load_bases(hooks, *bases)
         st.coefficients = interventions.StepCoefficients(hooks)

@@ -39,24 +39,31 @@ GEN_PRIORITY, REPLAY_PRIORITY = 0, 1
 REPLAY_PIECE_ROWS = 64
 
 
-def split_step(rows: list[Row], tensors: torch.Tensor) -> list[tuple[int, list[Row], torch.Tensor]]:
-    """(priority, rows, tensors) work items of one step: its GEN rows, then its REPLAY rows in pieces."""
+def split_step(rows: list[Row], tensors: torch.Tensor, heads: torch.Tensor | None = None
+               ) -> list[tuple[int, list[Row], torch.Tensor, torch.Tensor | None]]:
+    """(priority, rows, tensors, heads) work items of one step: its GEN rows, then its REPLAY rows
+    in pieces. `heads` [rows, L, H * head_dim] (or None) is split with the rows."""
     gen = [i for i, r in enumerate(rows) if r.kind == Kind.GEN]
     if len(gen) == len(rows):
-        return [(GEN_PRIORITY, rows, tensors)]
+        return [(GEN_PRIORITY, rows, tensors, heads)]
+
+    def take(t: torch.Tensor | None, idx: list[int]) -> torch.Tensor | None:
+        return None if t is None else t.index_select(0, torch.tensor(idx, dtype=torch.long, device=t.device))
+
     items = []
     if gen:
-        items.append((GEN_PRIORITY, [rows[i] for i in gen],
-                      tensors.index_select(0, torch.tensor(gen, dtype=torch.long, device=tensors.device))))
+        items.append((GEN_PRIORITY, [rows[i] for i in gen], take(tensors, gen), take(heads, gen)))
         replay = [i for i, r in enumerate(rows) if r.kind != Kind.GEN]
         rows = [rows[i] for i in replay]
-        tensors = tensors.index_select(0, torch.tensor(replay, dtype=torch.long, device=tensors.device))
+        tensors, heads = take(tensors, replay), take(heads, replay)
     for s in range(0, len(rows), REPLAY_PIECE_ROWS):
-        items.append((REPLAY_PRIORITY, rows[s:s + REPLAY_PIECE_ROWS], tensors[s:s + REPLAY_PIECE_ROWS]))
+        piece = slice(s, s + REPLAY_PIECE_ROWS)
+        items.append((REPLAY_PRIORITY, rows[piece], tensors[piece], None if heads is None else heads[piece]))
     return items
 
 
-def _attribute(rows: list[Row], want: list[int], resid: torch.Tensor, mid: torch.Tensor) -> list:
+def _attribute(rows: list[Row], want: list[int], resid: torch.Tensor, mid: torch.Tensor,
+               heads: torch.Tensor | None = None) -> list:
     """The probe over rows `want` (all asked for attribution): TokenAttribution per row."""
     st = STATE
     tokens = torch.tensor([rows[i].token for i in want], dtype=torch.long, device=resid.device)
@@ -68,13 +75,16 @@ def _attribute(rows: list[Row], want: list[int], resid: torch.Tensor, mid: torch
     logits = None
     if all(rows[i].logits is not None for i in want):
         logits = torch.stack([rows[i].logits for i in want])
-    return st.attributor(resid.index_select(0, sel), mid.index_select(0, sel), tokens, detail=detail, logits=logits)
+    return st.attributor(resid.index_select(0, sel), mid.index_select(0, sel), tokens, detail=detail, logits=logits,
+                         heads=None if heads is None or detail < Detail.FULL else heads.index_select(0, sel))
 
 
-def build_message(step: int, rows: list[Row], tensors: torch.Tensor) -> StepMessage | None:
+def build_message(step: int, rows: list[Row], tensors: torch.Tensor,
+                  heads: torch.Tensor | None = None) -> StepMessage | None:
     """Run the probe once over the rows that asked for it; the step message (None: nothing to send).
 
-    tensors: [rows, 2L+1, d], the stream [h_0, m_1, h_1, ..., m_L, h_L] of each row.
+    tensors: [rows, 2L+1, d], the stream [h_0, m_1, h_1, ..., m_L, h_L] of each row; heads:
+    [rows, L, H * head_dim], the heads' outputs (heads.py; dla_heads at FULL), or None.
     """
     keep = [i for i, r in enumerate(rows) if r.token is not None and r.token >= 0]
     resid = tensors[:, 0::2]  # [rows, L+1, d]
@@ -86,7 +96,7 @@ def build_message(step: int, rows: list[Row], tensors: torch.Tensor) -> StepMess
     if want and STATE.attributor is not None:
         t0 = time.perf_counter()
         try:
-            attrs = dict(zip(want, _attribute(rows, want, resid, mid)))
+            attrs = dict(zip(want, _attribute(rows, want, resid, mid, heads)))
         except Exception as exc:  # noqa: BLE001 - reported to the requests, not only to the log
             log.exception("alignlens: attribution of step %d failed", step)
             errors = {i: f"{type(exc).__name__}: {exc}" for i in want}
@@ -126,10 +136,10 @@ def send_message(message: StepMessage | None) -> None:
         st.error_records += sum(1 for r in message.records if r.error is not None)
 
 
-def emit_step(step: int, rows: list[Row], tensors: torch.Tensor) -> None:
+def emit_step(step: int, rows: list[Row], tensors: torch.Tensor, heads: torch.Tensor | None = None) -> None:
     """Inline emission (no background emitter): probe, then PUSH one message."""
     try:
-        message = build_message(step, rows, tensors)
+        message = build_message(step, rows, tensors, heads)
     except Exception as exc:  # noqa: BLE001 - the requests get the error
         log.exception("alignlens: step %d could not be emitted", step)
         message = error_message(step, rows, exc)
@@ -141,6 +151,7 @@ class _WorkItem:
     step: int
     rows: list[Row]
     tensors: torch.Tensor
+    heads: torch.Tensor | None = None
     taken_at: float = 0.0  # when the idle-core helper took it (0: not taken by the helper)
     stolen: bool = False  # the emitter thread is computing it too
     sent: bool = False
@@ -219,7 +230,7 @@ class BackgroundEmitter:
             item = self._take(helper)
             try:
                 try:
-                    message = build_message(item.step, item.rows, item.tensors)
+                    message = build_message(item.step, item.rows, item.tensors, item.heads)
                 except Exception as exc:  # noqa: BLE001 - the requests get the error; later steps go on
                     log.exception("alignlens: step %d could not be emitted", item.step)
                     message = error_message(item.step, item.rows, exc)
@@ -261,9 +272,10 @@ class BackgroundEmitter:
                 return item
         return None
 
-    def submit(self, step: int, rows: list[Row], tensors: torch.Tensor, priority: int = GEN_PRIORITY) -> None:
+    def submit(self, step: int, rows: list[Row], tensors: torch.Tensor, priority: int = GEN_PRIORITY,
+               heads: torch.Tensor | None = None) -> None:
         with self._cv:
-            (self._gen if priority == GEN_PRIORITY else self._replay).append(_WorkItem(step, rows, tensors))
+            (self._gen if priority == GEN_PRIORITY else self._replay).append(_WorkItem(step, rows, tensors, heads))
             self._cv.notify_all()
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:

@@ -16,6 +16,9 @@ extended to also record m_l (the `residual` a Llama block returns is exactly the
 stream after its attention add). GPT-2 blocks add inside themselves, so the GPT-2
 inner forward is written out here with the same arithmetic as vLLM's GPT2Block.
 
+Per-head capture (heads.py): each attention output projection records its input, the heads'
+outputs side by side, into a buffer it owns (for direct logit attribution per head).
+
 Interventions (interventions.py) sit in the blocks' own forward: each decoder layer class below
 repeats vLLM's forward with the hooks applied to what q/k/v and the MLP read and to what the
 attention sublayer writes, when the model was built with them (ALIGNLENS_INTERVENTIONS, default on).
@@ -32,7 +35,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
 
-from alignlens.service.vllm_plugin import capture, internals, interventions
+from alignlens.service.vllm_plugin import capture, heads, internals, interventions
 from alignlens.service.vllm_plugin.interventions import MLP_IN, QKV
 
 
@@ -90,9 +93,11 @@ class _AuxCaptureMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._enable_full_capture()
+        layers = list(islice(self.layers, self.start_layer, self.end_layer))
         if interventions.enabled():
-            interventions.attach_hooks(islice(self.layers, self.start_layer, self.end_layer),
-                                       *_hook_sizes(kwargs["vllm_config"]))
+            interventions.attach_hooks(layers, *_hook_sizes(kwargs["vllm_config"]))
+        if heads.enabled():
+            heads.attach((layer.self_attn.o_proj for layer in layers), _hook_sizes(kwargs["vllm_config"])[1])
 
     def _enable_full_capture(self) -> None:
         _require_single_stage()
@@ -123,8 +128,11 @@ class CaptureGPT2Model(GPT2Model):
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        blocks = list(islice(self.h, self.start_layer, self.end_layer))
         if interventions.enabled():
-            interventions.attach_hooks(islice(self.h, self.start_layer, self.end_layer), *_hook_sizes(vllm_config))
+            interventions.attach_hooks(blocks, *_hook_sizes(vllm_config))
+        if heads.enabled():
+            heads.attach((block.attn.c_proj for block in blocks), _hook_sizes(vllm_config)[1])
 
     def forward(self, input_ids, position_ids, intermediate_tensors, inputs_embeds):
         _require_single_stage()

@@ -22,6 +22,8 @@ class CaptureState:
     step: int = 0
     rows: "list[Row]" = field(default_factory=list)
     tensors: torch.Tensor | None = None  # [rows, 2L+1, d]
+    heads: torch.Tensor | None = None  # [rows, L, H * head_dim], the heads' outputs (heads.py), or None
+    head_buffers: list = field(default_factory=list)  # the model's per-block head buffers (heads.find)
     active: dict[str, str] = field(default_factory=dict)  # internal id -> external id
     forward_calls: int = 0
     rows_sent: int = 0
