@@ -111,6 +111,18 @@ async def _default_config_session(model_dir):
 
         intervened, beside = await asyncio.gather(tokens_of("iv-long", ids[2], iv_opts),
                                                   tokens_of("iv-plain", ids[0], None))
+        # a seeded, sampled request whose prompt spans several prefill chunks: vLLM rewinds its
+        # generator after each discarded chunk, which CPU generators cannot do (internals.wrap_step
+        # restores their state instead); the engine survives and the seed reproduces the tokens
+        async def seeded(rid):
+            out = None
+            async for out, _new in engine.generate(rid, ids[2], SamplingParams(max_tokens=5, temperature=1.0, seed=7,
+                                                                                ignore_eos=True), None):
+                pass
+            return list(out.outputs[0].token_ids)
+
+        first = await seeded("seeded-1")
+        assert await seeded("seeded-2") == first and len(first) == 5
         # detail FULL in the compiled forward: the heads' outputs (copied inside the graph into the
         # o_proj's buffer, vllm_plugin/heads.py) give per-head DLA that sums to each block's
         # attention term, computed independently from resid / resid_mid
@@ -149,7 +161,9 @@ def test_default_config_compiled_multiprocessing(tiny_llama):
 
     host = Host.from_checkpoint(tiny_llama)
     specs = [Spec(iv.block, iv.family, iv.directions, iv.scale, iv.start, iv.end) for iv in INTERVENTIONS]
-    tokens, logprobs = greedy(model, ids[2], 6, specs, load_or_compute(host).basis, host.attn_out_bias)
+    # "all directions" means the served k: the probe's (the engine runs with a tiny probe, k = 8)
+    k = stats["worker"]["intervention_k"]
+    tokens, logprobs = greedy(model, ids[2], 6, specs, load_or_compute(host, k).basis, host.attn_out_bias)
     assert intervened[0] == tokens and max(abs(a - b) for a, b in zip(intervened[1], logprobs)) <= 1e-3
     plain_tokens, plain_logprobs = greedy(model, ids[0], 6)
     assert beside[0] == plain_tokens and max(abs(a - b) for a, b in zip(beside[1], plain_logprobs)) <= 1e-3

@@ -19,6 +19,8 @@ Model runner (vllm.v1.worker.gpu_model_runner.GPUModelRunner and the CPU runner 
     scheduler_output.finished_req_ids            requests to forget
     runner._sample(logits, spec_decode_metadata) wrapped: the logits before sampling, and
     -> .sampled_token_ids [num_reqs, 1+]         the sampled tokens after
+    runner._bookkeeping_sync, runner.discard_request_mask.np, runner.input_batch.generators
+                               wrapped: CPU generator rewind (restore_discarded_generators)
     runner.get_model(), runner.device
 Worker
     worker.model_runner                          (AlignlensWorkerExtension, via worker_extension_cls)
@@ -52,6 +54,7 @@ VERIFIED_ON = "0.32.0"
 _STATIC = (
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample"),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._bookkeeping_sync"),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.get_model"),
     ("vllm.distributed", "get_tensor_model_parallel_rank"),
     ("vllm.distributed", "get_pp_group"),
@@ -118,6 +121,8 @@ def wrap_step(runner, *, before_step: Callable[[Any], None], after_step: Callabl
     """
     execute = runner.execute_model
     sample = runner._sample
+    bookkeeping = runner._bookkeeping_sync
+    rewinds: dict[int, tuple[Any, Any]] = {}
 
     def execute_model(scheduler_output, *args, **kwargs):
         before_step(getattr(scheduler_output, "finished_req_ids", ()) or ())
@@ -129,12 +134,47 @@ def wrap_step(runner, *, before_step: Callable[[Any], None], after_step: Callabl
     def _sample(*args, **kwargs):
         before_sample(args[0] if args else kwargs.get("logits"),
                       args[1] if len(args) > 1 else kwargs.get("spec_decode_metadata"))
+        rewinds.clear()
+        rewinds.update(_discarded_cpu_generators(runner))
         out = sample(*args, **kwargs)
         after_sample(out.sampled_token_ids)
         return out
 
+    def _bookkeeping_sync(*args, **kwargs):
+        # vLLM rewinds the generator of a seeded request whose token it discards (a chunked-prefill
+        # piece) with Generator.set_offset, which CPU generators lack ("CPU Generator does not use
+        # offset"): the engine died on any seeded request whose prompt spans several steps. For CPU
+        # generators the state from before sampling is restored instead (the same rewind), and they
+        # are hidden from vLLM's loop meanwhile.
+        generators = runner.input_batch.generators
+        hidden = {}
+        for i, (gen, state) in rewinds.items():
+            gen.set_state(state)
+            hidden[i] = generators.pop(i)
+        rewinds.clear()
+        try:
+            return bookkeeping(*args, **kwargs)
+        finally:
+            generators.update(hidden)
+
     runner.execute_model = execute_model
     runner._sample = _sample
+    runner._bookkeeping_sync = _bookkeeping_sync
+
+
+def _discarded_cpu_generators(runner) -> dict[int, tuple[Any, Any]]:
+    """{sampler row: (CPU generator, its state now)} for the requests whose token this step
+    discards (vLLM's discard_request_mask: chunked-prefill pieces)."""
+    batch = runner.input_batch
+    if not batch.generators:
+        return {}
+    mask = runner.discard_request_mask.np[: batch.num_reqs]
+    out = {}
+    for i in mask.nonzero()[0].tolist():
+        gen = batch.generators.get(i)
+        if gen is not None and gen.device.type == "cpu":
+            out[i] = (gen, gen.get_state())
+    return out
 
 
 def tensor_parallel_rank() -> int:

@@ -232,9 +232,9 @@ def markdown_table(report: dict) -> str:
                       f"(own logits) = {cost['audit_attribution_over_host']:.2f}."]
         if "dla_flops_per_token" in cost:
             lines += ["", f"Direct logit attribution (inside the above): {cost['dla_flops_per_token'] / 1e6:.3f} MFLOP "
-                          f"per token = {cost['dla_over_host'] * 100:.3f} % of the host; with FULL's split along "
-                          f"attn_out's directions {cost['dla_full_flops_per_token'] / 1e6:.2f} MFLOP = "
-                          f"{cost['dla_full_over_host'] * 100:.2f} %."]
+                          f"per token = {cost['dla_over_host'] * 100:.3f} % of the host; at FULL, with the split "
+                          f"along attn_out's directions and per head, {cost['dla_full_flops_per_token'] / 1e6:.2f} "
+                          f"MFLOP = {cost['dla_full_over_host'] * 100:.2f} %."]
         per_token = cost.get("probe_seconds_per_token")
         if per_token:
             lines += ["", "Probe wall time on one thread (the emitter's), per token: " + ", ".join(
@@ -344,10 +344,12 @@ def cost_model(model_path: str, probe_path: str | None, context_tokens: int = 12
 
         top = attributor.host.logits(resid[:, -1]).topk(attributor.top_k).indices
         ids, valid = candidate_set(top, torch.tensor([1]), attributor.top_k)
-        for key, basis in (("dla_flops_per_token", None),
-                           ("dla_full_flops_per_token", attributor.basis[:, FAMILY_INDEX["attn_out"]])):
+        spec = attributor.host.spec
+        heads = torch.randn(1, L, spec.n_heads * spec.head_dim)
+        for key, basis, z in (("dla_flops_per_token", None, None),
+                              ("dla_full_flops_per_token", attributor.basis[:, FAMILY_INDEX["attn_out"]], heads)):
             with FlopCounterMode(display=False) as counter:
-                direct_logit_attribution(attributor.host, resid, mid, torch.tensor([1]), ids, valid, basis)
+                direct_logit_attribution(attributor.host, resid, mid, torch.tensor([1]), ids, valid, basis, z)
             out[key] = counter.get_total_flops()
         out["dla_over_host"] = out["dla_flops_per_token"] / host
         out["dla_full_over_host"] = out["dla_full_flops_per_token"] / host
