@@ -18,9 +18,10 @@ over the N decisions of a step (no Python loop over tokens in the math):
 
 Cost per token (multiply-adds, SmolLM2-135M, defaults): features 1.7M + host logits V*d = 28.3M +
 output gradient on every basis 1.7M + probe ~19M (see probe.model) = ~51M, about 38% of the host's
-own forward (134M); direct logit attribution adds ~0.06M (probe.dla); Detail.FULL adds ~2M for the
-head's backward and 0.6M for DLA along attn_out's directions. The host logits dominate; the engine hands over its own logits for generated tokens
-(`logits=`), so only replayed (audit) rows pay for them.
+own forward (134M); direct logit attribution adds ~0.06M (probe.dla). Detail.FULL adds ~2M for the
+head's backward, 0.6M for DLA along attn_out's directions and ~10M for DLA per head (L*d*H*head_dim).
+The host logits dominate; the engine hands over its own logits for generated tokens (`logits=`), so
+only replayed (audit) rows pay for them.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ class Attributor:
         u = m.importance(states, m.pair_features(alpha, g_out, tok, pdla), h.W_U[token_ids])[..., 0]  # [N, L, 3]
         attribution = m.attribution(u)  # predicted |change of log p(y)| per pair, nats
         fam_imp = attribution / attribution.sum(2, keepdim=True).clamp_min(1e-12)
-        return {**dla, "pair_dla": pdla, "alpha": alpha, "g_out": g_out, "token_feats": tok, "states": states, "host_logprob": host_logprob,
+        return {**dla, "pair_dla": pdla, "alpha": alpha, "g_out": g_out, "token_feats": tok, "states": states,
+                "host_logprob": host_logprob,
                 "host_top1": top_ids[:, 0], "cand_ids": cand_ids, "cand_valid": valid, "logp_y": logp_y,
                 "top1": top1, "depth_gain": gain, "depth_importance": importance, "crystallization_depth": crystal,
                 "family_attribution": attribution, "family_importance": fam_imp,

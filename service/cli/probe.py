@@ -106,9 +106,10 @@ def _train(args: argparse.Namespace) -> int:
 
     checkpoint = _checkpoint(args.model)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
-                      max_minutes=args.max_minutes)
+                      max_minutes=args.max_minutes, rank_weight=args.rank_weight)
     overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k,
-                 "alignment_features": args.alignment_features, "tuned_lens": args.tuned_lens}
+                 "alignment_features": args.alignment_features, "tuned_lens": args.tuned_lens,
+                 "dla_inputs": args.dla_inputs}
     out = args.out or str(default_artifact_path(checkpoint))
     meta = train_artifact(str(checkpoint), args.data, out, overrides, cfg, max_tokens=args.max_tokens)
     print(json.dumps({"artifact": out, "training_seconds": meta["training_seconds"],
@@ -223,6 +224,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "probe the evaluation compares with)")
     t.add_argument("--tuned-lens", action=argparse.BooleanOptionalAction, default=False,
                    help="start the readout from a tuned lens fitted on the same data (L*d*d more per token)")
+    t.add_argument("--dla-inputs", action=argparse.BooleanOptionalAction, default=False,
+                   help="the importance head also reads each (block, family)'s direct logit attribution")
+    t.add_argument("--rank-weight", type=float, default=0.0, help="weight of the ListNet ranking term")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a probe (METHOD.md section 6)")
