@@ -88,7 +88,8 @@ class ProbeConfig:
     # same size (the evaluation's test of whether weight alignment adds information).
     alignment_features: bool = True
     # The readout starts from a tuned lens (probe.tuned_lens) inside the probe: r_l = h_l + A_l h_l
-    # + b_l + Out(y_l). Costs L*d*d multiply-adds per token (10 M for SmolLM2).
+    # + b_l + Out(y_l), the lens fitted first on the same tokens and frozen (probe.train). Costs
+    # L*d*d multiply-adds per token (10 M for SmolLM2).
     tuned_lens: bool = False
     # The importance head also reads each pair's direct logit attribution (probe.dla.pair_dla):
     # two more per-pair scalars, sign(dla) log(1 + |dla|) and log(|dla| + 1e-3).

@@ -136,9 +136,12 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
     set_statistics(model, data, factors)
     log.info("stats: input statistics from %d tokens", len(data))
     lens_summary = None
-    if model.lens is not None:  # the readout starts from a tuned lens fitted on the same tokens
+    if model.lens is not None:  # the readout starts from a tuned lens fitted on the same tokens, kept
+        # frozen: the probe learns a correction on top of it (training the L*d*d translators jointly
+        # made each step 4x slower on this CPU)
         lens, lens_summary = train_tuned_lens(host, data, top_k=probe_cfg.top_k)
         model.lens.load_state_dict(lens.state_dict())
+        model.lens.requires_grad_(False)
     use_lin = data.lin is not None and cfg.linearized_weight > 0
     labeled = torch.nonzero(data.labeled).squeeze(1)
     use_ablation = labeled.numel() > 0 and cfg.ablation_weight > 0
@@ -146,7 +149,8 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
         log.warning("fit: no ablation labels in the data; the importance head is not trained on real "
                     "ablations and the artifact will say so")
     rows = torch.nonzero(data.has_lin).squeeze(1) if use_lin else torch.arange(len(data))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     warmup = min(100, cfg.steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))

@@ -217,3 +217,22 @@ def test_attributor_with_engine_logits_matches_its_own(tiny_setup, tmp_path):
                                    rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match=r"logits must be \[7, "):
         att(cap["resid"], cap["resid_mid"], cap["token_ids"], logits=logits[:, :-1])
+
+
+def test_spearman_average_ranks_ties_and_constant_rows():
+    """probe.stats.spearman (evaluation and online verification) against a direct definition."""
+    def reference(x: list[float], y: list[float]) -> float:
+        def ranks(v: list[float]) -> torch.Tensor:
+            return torch.tensor([sum(w < t for w in v) + (sum(w == t for w in v) - 1) / 2 for t in v],
+                                dtype=torch.float64)
+        ra, rb = ranks(x), ranks(y)
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-12))
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 5, (20, 30), generator=g).float()  # many ties
+    b = torch.randn(20, 30, generator=g)
+    b[:, :8] = 1.0
+    want = torch.tensor([reference(a[i].tolist(), b[i].tolist()) for i in range(20)])
+    torch.testing.assert_close(spearman(a, b), want.float(), rtol=0, atol=1e-6)
+    assert spearman(torch.ones(2, 5), torch.randn(2, 5)).tolist() == [0.0, 0.0]
