@@ -63,9 +63,15 @@ def _per_token(pred: Tensor, mag: Tensor, centre_pred: Tensor, centre_mag: Tenso
     """Per-token quantities [M] behind the token-wise metrics (pred, mag [M, P])."""
     def shares(x: Tensor) -> Tensor:
         return x / x.sum(1, keepdim=True).clamp_min(1e-12)
+
+    def centred(x: Tensor, centre: Tensor) -> Tensor:
+        # exact zeros where a share equals its centre up to rounding (a token-independent profile
+        # minus its own mean): Spearman would otherwise rank the rounding noise
+        c = shares(x) - centre
+        return c.masked_fill(c.abs() < 1e-12, 0.0)
     top = pred.argmax(1)
     return {"per_token_spearman": spearman(pred, mag),
-            "share_centered_spearman": spearman(shares(pred) - centre_pred, shares(mag) - centre_mag),
+            "share_centered_spearman": spearman(centred(pred, centre_pred), centred(mag, centre_mag)),
             "top_pair_hit": (top == mag.argmax(1)).float(),
             "top_drop": mag.gather(1, top[:, None]).squeeze(1), "mean_drop": mag.mean(1)}
 
@@ -241,11 +247,14 @@ def _ablate_uncached(ablator: FastAblator, trace_path: Path, per_prompt: int, se
 # ---- the evaluation -----------------------------------------------------------------------------
 def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]], ablation_per_prompt: int = 8,
              tuned_lens: TunedLens | None = None, activation_only: ProbeModel | None = None,
-             tokens_per_set: int | None = None, n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict:
+             tokens_per_set: int | None = None, n_boot: int = 1000, seed: int = 0, progress: bool = True,
+             reuse_depth: dict | None = None) -> dict:
     """All METHOD.md section 6 numbers for `att` on the evaluation `sets` (name, trace path).
 
     The headline (flat keys, ProbeInfo, README) pools the sets named in HEADLINE_SETS that are
-    present (all sets when none is); `by_set` has every set on its own."""
+    present (all sets when none is); `by_set` has every set on its own. `reuse_depth`: an earlier
+    result of the same probe on the same sets whose depth curves (the slow part: full-vocabulary
+    readouts at every depth) are taken as they are; faithfulness is recomputed."""
     start = time.perf_counter()
     h = att.host
     L = h.n_layers
@@ -268,8 +277,9 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
     for set_index, (name, path) in enumerate(sets):
         log.info("data: %s (%s)", name, path)
         data = build_dataset(h, att.factors, [path], top_k=att.top_k, max_tokens=tokens_per_set)
-        log.info("depth: %s, full-vocabulary curves on %d tokens", name, len(data))
-        depth = depth_per_token(att, readouts, data)
+        log.info("depth: %s, full-vocabulary curves on %d tokens%s", name, len(data),
+                 " (reused)" if reuse_depth else "")
+        depth = {} if reuse_depth else depth_per_token(att, readouts, data)
         log.info("ablation: %s, %d pairs at up to %d positions per prompt", name, 3 * L, ablation_per_prompt)
         rows, drop, lin, mid = _ablate(ablator, path, ablation_per_prompt, seed, progress)
         # a trace prompt's rows are contiguous in `data`, in prompt order (prompts past
@@ -324,6 +334,12 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
     by_set = {n: summarise([n]) for n in per_set}
     head_names = [n for n in HEADLINE_SETS if n in per_set] or list(per_set)
     head = summarise(head_names)
+    if reuse_depth:
+        if reuse_depth["headline_sets"] != head_names or set(reuse_depth["by_set"]) != set(by_set):
+            raise ValueError("reuse_depth: the earlier result was measured on other sets")
+        head["depth"] = reuse_depth["headline"]["depth"]
+        for n in by_set:
+            by_set[n]["depth"] = reuse_depth["by_set"][n]["depth"]
     result = headline_keys(head, L)
     result.update({"headline_sets": head_names, "headline": head, "by_set": by_set,
                    "sets": {n: str(p) for n, p in sets}, "ablation_per_prompt": ablation_per_prompt,
