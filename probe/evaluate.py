@@ -59,16 +59,18 @@ FAITHFULNESS_METRICS = ("per_token_spearman", "token_resolved_spearman", "share_
 
 
 # ---- statistics ---------------------------------------------------------------------------------
+def _shares(x: Tensor) -> Tensor:
+    """Each row [M, P] normalised to sum 1."""
+    return x / x.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def _per_token(pred: Tensor, mag: Tensor, centre_pred: Tensor, centre_mag: Tensor) -> dict[str, Tensor]:
     """Per-token quantities [M] behind the token-wise metrics (pred, mag [M, P])."""
-    def shares(x: Tensor) -> Tensor:
-        return x / x.sum(1, keepdim=True).clamp_min(1e-12)
-
     def centred(x: Tensor, centre: Tensor) -> Tensor:
         # exact zeros where a share equals its centre up to float32 rounding (a token-independent
         # profile, or one scaled per token, minus its own mean; shares are ~1/3L, rounding ~1e-9):
         # Spearman would otherwise rank the rounding noise
-        c = shares(x) - centre
+        c = _shares(x) - centre
         return c.masked_fill(c.abs() < 1e-7, 0.0)
     top = pred.argmax(1)
     return {"per_token_spearman": spearman(pred, mag),
@@ -112,9 +114,8 @@ def faithfulness_report(pred: Tensor, drop: Tensor, groups: Tensor, resamples: l
     the mean |drop|)."""
     p = pred.flatten(1).double()
     m = drop.flatten(1).abs().double()
-    share = lambda x: x / x.sum(1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    c_pred = share(p).mean(0)
-    c_mag = share(m).mean(0) if centre_drop is None else centre_drop.double() / centre_drop.double().sum()
+    c_pred = _shares(p).mean(0)
+    c_mag = _shares(m).mean(0) if centre_drop is None else centre_drop.double() / centre_drop.double().sum()
     tok = _per_token(p, m, c_pred, c_mag)
 
     def point(idx: Tensor | None) -> dict[str, float]:
@@ -261,9 +262,10 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
     L = h.n_layers
     torch.manual_seed(seed)
     null = ProbeModel(att.model.cfg).eval()
+    null_buffers = dict(null.named_buffers())
     for name, buf in att.model.named_buffers():  # same fixed statistics: only training differs
-        if name in dict(null.named_buffers()):
-            null.get_buffer(name).copy_(buf)
+        if name in null_buffers:
+            null_buffers[name].copy_(buf)
     null_att = Attributor(h, att.factors, null, att.metadata)
     ablator = FastAblator(model_tf, att.factors.basis, h.attn_out_bias)
     readouts: dict[str, object] = {"probe": att.model, "logit_lens": None}
@@ -305,8 +307,7 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
         per_set[name] = {"tokens": len(data), "prompts": int(order.numel()), "depth": depth, "drop": drop,
                          "scorers": scorers, "groups": set_index * 1_000_000 + sub.prompt_index,
                          "depth_groups": set_index * 1_000_000 + data.prompt_index,
-                         "crystallization": out_t["crystallization_depth"].float(),
-                         "readout_top1": out_t["readout_top1"].float()}
+                         "crystallization": out_t["crystallization_depth"].float()}
 
     def summarise(names: list[str]) -> dict:
         parts = [per_set[n] for n in names]
