@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from alignlens.probe.artifact import FingerprintMismatch, load_artifact
-from alignlens.probe.dla import direct_logit_attribution, pair_dla
+from alignlens.probe.dla import attention_splits, direct_logit_attribution, pair_dla
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.fingerprint import host_fingerprint
 from alignlens.probe.host import Host
@@ -193,8 +193,9 @@ class Attributor:
         dirs_dla: list[list[list[float]]] = [[] for _ in range(N)]
         heads_dla: list[list[list[float]]] = [[] for _ in range(N)]
         if detail == Detail.FULL:
-            full = direct_logit_attribution(self.host, resid, resid_mid, out["token_ids"], out["cand_ids"],
-                                            out["cand_valid"], self.basis[:, FAMILY_INDEX["attn_out"]], heads)
+            # the summary DLA (and its readout direction v) is in `out` already: only the splits
+            full = attention_splits(self.host, out["dla_v"], resid_mid.float() - resid[:, :-1].float(),
+                                    self.basis[:, FAMILY_INDEX["attn_out"]], heads)
             dirs_dla = full["dla_attn_out_directions"].cpu().tolist()
             if "dla_heads" in full:
                 heads_dla = full["dla_heads"].cpu().tolist()

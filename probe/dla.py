@@ -20,6 +20,7 @@ transformers forward).
     dla_attn  [N, L]  v . a_l, block l = 1..L (entry i is block i+1)
     dla_mlp   [N, L]  v . f_l
     dla_total [N]     final_norm(h_L) . u, computed directly: the sum of the three above
+    dla_v     [N, d]  v, the frozen-scale readout direction (for attention_splits)
     dla_attn_out_directions [N, L, k]  (Detail.FULL) the attention write's part along each of the
                       top-k left singular directions of o_proj: (U_j . (a_l - b_o)) (U_j . v). The
                       rest of v . a_l is the bias b_o and the write outside the top-k span.
@@ -79,7 +80,17 @@ def direct_logit_attribution(host: Host, resid: Tensor, resid_mid: Tensor, token
     out = {"dla_embed": (resid[:, 0] * v).sum(-1) + bias,
            "dla_attn": torch.einsum("nld,nd->nl", attn, v),
            "dla_mlp": torch.einsum("nld,nd->nl", mlp, v),
-           "dla_total": total}
+           "dla_total": total, "dla_v": v}
+    out.update(attention_splits(host, v, attn, attn_out_basis, heads))
+    return out
+
+
+def attention_splits(host: Host, v: Tensor, attn: Tensor, attn_out_basis: Tensor | None = None,
+                     heads: Tensor | None = None) -> dict[str, Tensor]:
+    """The FULL-detail splits of the attention terms, from the readout direction v [N, d] and the
+    attention writes attn [N, L, d]: dla_attn_out_directions (with attn_out_basis [L, k, d]) and
+    dla_heads (with heads [N, L, H * head_dim])."""
+    out = {}
     if attn_out_basis is not None:
         comp = torch.einsum("lkd,nld->nlk", attn_out_basis, attn - host.attn_out_bias)
         out["dla_attn_out_directions"] = comp * torch.einsum("lkd,nd->nlk", attn_out_basis, v)
