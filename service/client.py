@@ -111,14 +111,68 @@ class GenerateStream:
         return "".join(t.text for t in self.tokens)
 
 
+class AuditStream:
+    """Iterate for pb2.Token messages; afterwards `summary` is the pb2.AuditSummary."""
+
+    def __init__(self, call):
+        self._call = call
+        self.tokens: list = []
+        self.summary = None
+
+    def __iter__(self) -> Iterator:
+        for response in self._call:
+            if response.HasField("token"):
+                self.tokens.append(response.token)
+                yield response.token
+            else:
+                self.summary = response.summary
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+def _audit_request(prompt, completion, detail, request_id, interventions, causal_indices) -> "pb2.AuditRequest":
+    request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id,
+                               interventions=list(interventions), causal_indices=list(causal_indices))
+    if isinstance(completion, str):
+        request.completion_text = completion
+    else:
+        request.completion_token_ids.ids.extend(completion)
+    return request
+
+
 class AttributionClient:
     """Client of alignlens.v1.AttributionService plus the standard health service."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None):
+    def __init__(self, target: str = DEFAULT_TARGET, timeout_s: float | None = None, *, tls: bool = False,
+                 ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
+                 server_name: str | None = None, token: str | None = None):
+        """`tls` (implied by any of the files): verify the server against `ca_file` (default: the
+        system's roots); `cert_file` + `key_file`: this client's certificate for mutual TLS;
+        `server_name`: the name the server's certificate must carry when it is not the target's
+        host; `token`: sent as `authorization: Bearer <token>` with every call."""
         self.target = target
         self.timeout_s = timeout_s  # default deadline of every call (None: none)
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                                              ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if tls or ca_file or cert_file or key_file:
+            if bool(cert_file) != bool(key_file):
+                raise ValueError("a client certificate needs both cert_file and key_file")
+
+            def read(path):
+                with open(path, "rb") as fh:
+                    return fh.read()
+
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(ca_file) if ca_file else None,
+                private_key=read(key_file) if key_file else None,
+                certificate_chain=read(cert_file) if cert_file else None)
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
         self.stub = pb2_grpc.AttributionServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -147,7 +201,7 @@ class AttributionClient:
                 setattr(sampling, name, value)
         request = pb2.GenerateRequest(prompt=make_prompt(prompt), sampling=sampling, detail=DETAIL_BY_NAME[detail],
                                       request_id=request_id, interventions=list(interventions))
-        return GenerateStream(self.stub.Generate(request, timeout=self._timeout(timeout_s)))
+        return GenerateStream(self.stub.Generate(request, timeout=self._timeout(timeout_s), metadata=self.metadata))
 
     def audit(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
               request_id: str = "", interventions: Sequence = (), causal_indices: Sequence[int] = (),
@@ -155,16 +209,20 @@ class AttributionClient:
         """Attribute a logged completion (text, or token ids for an exact replay), optionally replayed
         under `interventions`. detail "causal" adds each selected token's exact family_drop
         (`causal_indices`; empty = all, for completions of at most 16 tokens)."""
-        request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id,
-                                   interventions=list(interventions), causal_indices=list(causal_indices))
-        if isinstance(completion, str):
-            request.completion_text = completion
-        else:
-            request.completion_token_ids.ids.extend(completion)
-        return self.stub.Audit(request, timeout=self._timeout(timeout_s))
+        request = _audit_request(prompt, completion, detail, request_id, interventions, causal_indices)
+        return self.stub.Audit(request, timeout=self._timeout(timeout_s), metadata=self.metadata)
+
+    def audit_stream(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
+                     request_id: str = "", interventions: Sequence = (), causal_indices: Sequence[int] = (),
+                     timeout_s: float | None = None) -> "AuditStream":
+        """`audit`, streamed: iterate for pb2.Token messages as the server attributes them; afterwards
+        `summary` is the pb2.AuditSummary. For long completions."""
+        request = _audit_request(prompt, completion, detail, request_id, interventions, causal_indices)
+        return AuditStream(self.stub.AuditStream(request, timeout=self._timeout(timeout_s), metadata=self.metadata))
 
     def model_info(self, timeout_s: float | None = None) -> "pb2.ModelInfo":
-        return self.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s))
+        return self.stub.GetModelInfo(pb2.GetModelInfoRequest(), timeout=self._timeout(timeout_s),
+                                      metadata=self.metadata)
 
     def health(self, service: str = "", timeout_s: float | None = 5.0) -> str:
         """The health status name: SERVING, NOT_SERVING, ... (UNAVAILABLE if unreachable)."""

@@ -280,17 +280,66 @@ def test_cli_generate_json_and_audit(server, tmp_path):
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert out.returncode == 0 and len(lines) == 7 and "finished" in lines[-1], out.stderr[-2000:]
     assert all(line["attribution"]["depth_gain"] for line in lines[:-1])
-    logs = tmp_path / "logs.jsonl"
     ids = [line["token_id"] for line in lines[:-1]]
-    logs.write_text(json.dumps({"id": "a", "prompt": lines[-1]["finished"]["prompt_token_ids"], "completion": ids})
-                    + "\n" + json.dumps({"id": "b", "prompt": "Hi", "completion": ""}) + "\n")
-    result = tmp_path / "out.jsonl"
-    out = subprocess.run([*cli, "audit", "--in", str(logs), "--out", str(result), "--detail", "summary", *target],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "1 of 2 lines failed" in out.stderr  # line b has an empty completion
-    first, second = [json.loads(line) for line in result.read_text().splitlines()]
+    prompt_ids = lines[-1]["finished"]["prompt_token_ids"]
+    logs = tmp_path / "logs.jsonl"
+    rows = [{"id": "a", "prompt": prompt_ids, "completion": ids},
+            {"id": "b", "prompt": "Hi", "completion": ""},  # the server says: empty completion
+            "not json {",
+            {"id": "d", "prompt": PROMPTS[3], "completion": " four"},
+            {"id": "e", "completion": "x"},  # no prompt
+            *({"id": f"r{i}", "prompt": PROMPTS[i % len(PROMPTS)], "completion": " and so on"} for i in range(6))]
+    logs.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    result, errors = tmp_path / "out.jsonl", tmp_path / "out.jsonl.errors.jsonl"
+    audit = [*cli, "audit", "--in", str(logs), "--out", str(result), "--detail", "summary", "--concurrency", "2",
+             *target]
+    # killed at a random point, then re-run to the end: every line exactly once, in one of the files
+    proc = subprocess.Popen(audit, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not result.exists() or len(result.read_bytes()) < 2):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    with open(result, "ab") as fh:
+        fh.write(b'{"line": 99, "inp')  # as if the kill had cut a record in half
+    out = subprocess.run(audit, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr[-2000:]  # errors were written
+    done = [json.loads(line) for line in result.read_text().splitlines()]
+    bad = [json.loads(line) for line in errors.read_text().splitlines()]
+    assert sorted(r["line"] for r in done) == [1, 4, *range(6, 12)], out.stderr
+    assert sorted(r["line"] for r in bad) == [2, 3, 5]
+    first = next(r for r in done if r["line"] == 1)
     assert [t["token_id"] for t in first["tokens"]] == ids and first["tokens"][0]["attribution"]["depth_gain"]
-    assert second["error"]["code"] == "INVALID_ARGUMENT"
+    reasons = {r["line"]: r["reason"] for r in bad}
+    assert reasons[2].startswith("INVALID_ARGUMENT") and "not JSON" in reasons[3] and "'prompt'" in reasons[5]
+    again = subprocess.run(audit, cwd=REPO, capture_output=True, text=True, timeout=120)  # nothing left to do
+    assert "11 lines already done, 0 to go" in again.stderr and len(result.read_text().splitlines()) == len(done)
+    logs.write_text(logs.read_text().replace("and so on", "and more"))
+    changed = subprocess.run(audit, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert changed.returncode != 0 and "not the line" in changed.stderr
+
+
+def test_audit_stream_equals_audit(server):
+    tokens, fin = _generate(server.client, PROMPTS[4], max_tokens=12, detail="full")
+    ids = [t["token_id"] for t in tokens]
+    unary = server.client.audit(list(fin.prompt_token_ids), ids, detail="full")
+    stream = server.client.audit_stream(list(fin.prompt_token_ids), ids, detail="full")
+    streamed = list(stream)
+    assert stream.summary.completion_tokens == len(ids) == len(streamed)
+    assert stream.summary.prompt_tokens == len(fin.prompt_token_ids)
+    for a, b in zip(unary.tokens, streamed, strict=True):
+        assert (a.index, a.token_id, a.text) == (b.index, b.token_id, b.text)
+        x, y = token_to_dict(a)["attribution"], token_to_dict(b)["attribution"]
+        assert _close(x["depth_gain"], y["depth_gain"]) and _close(x["dla_total"], y["dla_total"])
+    # cancelled half-way: everything is freed
+    stream = server.client.audit_stream(PROMPTS[0], list(range(5, 200)), detail="summary")
+    for n, _token in enumerate(stream):
+        if n == 3:
+            stream.cancel()
+            break
+    for name in ("alignlens_requests_running", "alignlens_capture_open_requests", "alignlens_capture_buffered_records",
+                 "alignlens_capture_worker_requests"):
+        assert server.wait_metric(name, 0) == 0, name
 
 
 def _gen(prompt=None, detail=pb2.ATTRIBUTION_DETAIL_NONE, request_id="", **sampling) -> "pb2.GenerateRequest":
@@ -535,28 +584,67 @@ def test_sigterm_drains_in_flight_streams(server):
 
 
 @pytest.mark.slow
-def test_dead_engine_turns_not_serving_and_unavailable(tiny_llama, tmp_path):
-    """A second server (no probe, eager) whose engine core process is killed under it."""
+def _engine_processes(pid: int) -> list:
     import psutil
+
+    return [p for p in psutil.Process(pid).children(recursive=True)]
+
+
+def test_dead_engine_turns_not_serving_then_exits(tiny_llama, tmp_path):
+    """A second server (no probe, eager) whose engine core process is killed under it: health says
+    NOT_SERVING and RPCs UNAVAILABLE, then the server exits with status 3 for its supervisor."""
+    from alignlens.service.server.app import EXIT_ENGINE_DIED
 
     srv = ServerProcess(tiny_llama, tmp_path / "server.log", "--probe", "none", "--enforce-eager")
     try:
         srv.wait_ready()
         assert srv.metrics()[("alignlens_engine_healthy", ())] == 1
-        cores = [p for p in psutil.Process(srv.proc.pid).children(recursive=True)
-                 if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
-        assert cores, [p.cmdline() for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+        children = _engine_processes(srv.proc.pid)
+        cores = [p for p in children if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()]
+        assert cores, [p.cmdline() for p in children]
         for p in cores:
             p.kill()
+        seen, codes = set(), set()
         deadline = time.monotonic() + 30
-        while srv.client.health() == "SERVING" and time.monotonic() < deadline:
+        while srv.proc.poll() is None and time.monotonic() < deadline:
+            seen.add(srv.client.health(timeout_s=1.0))
+            try:
+                list(srv.client.generate("Hello", max_tokens=2, detail="none", timeout_s=2))
+            except grpc.RpcError as err:
+                codes.add((err.code(), "died" in (err.details() or "")))
+            time.sleep(0.1)
+        assert srv.proc.wait(30) == EXIT_ENGINE_DIED, srv.log_tail()
+        assert "NOT_SERVING" in seen and (grpc.StatusCode.UNAVAILABLE, True) in codes, (seen, codes)
+        deadline = time.monotonic() + 15
+        while any(p.is_running() and p.status() != "zombie" for p in children) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert srv.client.health() == "NOT_SERVING"
-        assert srv.metrics()[("alignlens_engine_healthy", ())] == 0
-        with pytest.raises(grpc.RpcError) as err:
-            list(srv.client.generate("Hello", max_tokens=2, detail="none"))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "died" in err.value.details()
-        srv.proc.send_signal(signal.SIGTERM)
-        assert srv.proc.wait(60) == 0, srv.log_tail()
+        assert not [p for p in children if p.is_running() and p.status() != "zombie"]
+    finally:
+        srv.stop()
+
+
+def test_kill_9_leaves_no_engine_processes_or_files(tiny_llama, tmp_path):
+    """`kill -9` of the server: its engine core, worker and resource-tracker processes exit by
+    themselves within seconds, and its runtime folder (ZeroMQ sockets, torch's file store) is gone."""
+    import os
+
+    runtime = Path(os.environ["ALIGNLENS_RUNTIME_DIR"])
+    srv = ServerProcess(tiny_llama, tmp_path / "server.log", "--probe", "none", "--enforce-eager")
+    try:
+        srv.wait_ready()
+        children = _engine_processes(srv.proc.pid)
+        names = " ".join(" ".join(p.cmdline()) + p.name() for p in children)
+        assert "EngineCore" in names and "resource_tracker" in names, names
+        private = [p for p in runtime.glob(f"serve-{srv.proc.pid}-*")]
+        assert len(private) == 1 and any(private[0].iterdir()), private  # the engine's IPC files are in it
+        srv.proc.kill()
+        srv.proc.wait()
+        t0 = time.monotonic()
+        while any(p.is_running() and p.status() != "zombie" for p in children) and time.monotonic() - t0 < 20:
+            time.sleep(0.2)
+        left = [(p.pid, p.name()) for p in children if p.is_running() and p.status() != "zombie"]
+        assert not left, f"still running {time.monotonic() - t0:.0f} s after kill -9: {left}"
+        assert time.monotonic() - t0 < 10, f"engine processes took {time.monotonic() - t0:.1f} s to exit"
+        assert not private[0].exists(), list(private[0].iterdir())
     finally:
         srv.stop()

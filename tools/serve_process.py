@@ -36,17 +36,19 @@ class ServeProcess:
     """`alignlens serve <serve_args>` on 127.0.0.1 with fresh gRPC and metrics ports.
 
     `wrap` turns the command into the one actually run (e.g. inside a sandbox); `env` is the
-    child's environment (default: this process's). `with ServeProcess(...) as s:` starts it and
+    child's environment (default: this process's); `client_options` are the AttributionClient
+    keywords that reach its health service (a TLS server). `with ServeProcess(...) as s:` starts it and
     waits for SERVING; `stop()` sends SIGTERM (the server drains), then kills after `grace_s`.
     """
 
     def __init__(self, serve_args: list[str], log_path: Path, *, env: dict | None = None,
-                 wrap: Callable[[list[str]], list[str]] | None = None):
+                 wrap: Callable[[list[str]], list[str]] | None = None, client_options: dict | None = None):
         self.port, self.metrics_port = free_port(), free_port()
         cmd = [sys.executable, "-m", "alignlens.service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port), *serve_args]
         self.cmd = wrap(cmd) if wrap else cmd
         self.env = env
+        self.client_options = client_options or {}  # AttributionClient keywords (TLS) for the health polls
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
         self.start_seconds: float | None = None
@@ -71,7 +73,7 @@ class ServeProcess:
         from alignlens.service.client import AttributionClient
 
         deadline = time.monotonic() + timeout_s
-        with AttributionClient(self.target) as client:
+        with AttributionClient(self.target, **self.client_options) as client:
             while True:
                 if self.proc.poll() is not None:
                     raise ServeProcessError(f"alignlens serve exited with {self.proc.returncode}:\n{self.log_tail()}")

@@ -8,9 +8,17 @@ JSON lines instead (one per token, then one `finished` object).
 
 `audit --in logs.jsonl --out out.jsonl` reads one logged generation per line,
     {"id": any (optional), "prompt": text | [token ids] | [{"role", "content"}, ...],
-     "completion": text | [token ids]}
-and writes one line per input, in order: {"id", "prompt_tokens", "tokens": [...]} or
-{"id", "error": {"code", "message"}}. Token ids replay exactly; text is re-tokenized.
+     "completion": text | [token ids], "causal_indices": [ints] (optional)}
+Token ids replay exactly; text is re-tokenized. It writes, as each finishes, one record per input
+line (1-based `line`, `input_sha` = a digest of that line) to `--out`,
+    {"line", "input_sha", "id", "prompt_tokens", "tokens": [...]},
+and for a line that cannot be attributed (not JSON, missing fields, or a server answer that the
+line is wrong: INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE) one record with the reason to
+`--errors` (default OUT.errors.jsonl). Transient failures (UNAVAILABLE, RESOURCE_EXHAUSTED, ...)
+are retried 3 times, then left out. It can be killed at any point: a re-run of the same command
+skips every line already in either file (a record cut off by the kill is dropped first) and
+finishes the rest, so each input line ends up exactly once. Exit status 0 when every line was
+attributed, 1 when some were errors or left for a re-run.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 _TARGET_HELP = "server address host:port [env ALIGNLENS_TARGET; default localhost:50051]"
 
@@ -29,13 +38,38 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-seconds", type=float, default=None, help="deadline of each call (default: none)")
     p.add_argument("--wait-seconds", type=float, default=300.0,
                    help="wait this long for a starting server to become SERVING (0: do not wait)")
+    env = os.environ.get
+    t = p.add_argument_group("security (a server started with --tls-* / --auth-token-file)")
+    t.add_argument("--tls", action="store_true", default=bool(env("ALIGNLENS_TLS")),
+                   help="connect with TLS, verifying the server against the system's CAs [env ALIGNLENS_TLS]")
+    t.add_argument("--tls-ca", default=env("ALIGNLENS_TLS_CA"),
+                   help="PEM CA bundle to verify the server with (implies --tls) [env ALIGNLENS_TLS_CA]")
+    t.add_argument("--tls-cert", default=env("ALIGNLENS_TLS_CERT"),
+                   help="PEM client certificate, for mutual TLS [env ALIGNLENS_TLS_CERT]")
+    t.add_argument("--tls-key", default=env("ALIGNLENS_TLS_KEY"),
+                   help="PEM private key of --tls-cert [env ALIGNLENS_TLS_KEY]")
+    t.add_argument("--tls-server-name", default=env("ALIGNLENS_TLS_SERVER_NAME"),
+                   help="name the server's certificate carries, if not the target's host")
+    t.add_argument("--token-file", default=env("ALIGNLENS_TOKEN_FILE"),
+                   help="file holding the bearer token (else the variable ALIGNLENS_TOKEN; never a flag value)")
 
 
 def _connect(args: argparse.Namespace):
     """A client, after waiting for the server's health to say SERVING (it may be starting)."""
     from alignlens.service.client import AttributionClient
 
-    client = AttributionClient(args.target, timeout_s=args.timeout_seconds)
+    token = os.environ.get("ALIGNLENS_TOKEN") or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise SystemExit(f"alignlens: --token-file {args.token_file}: {exc.strerror}") from None
+    try:
+        client = AttributionClient(args.target, timeout_s=args.timeout_seconds, tls=args.tls, ca_file=args.tls_ca,
+                                   cert_file=args.tls_cert, key_file=args.tls_key,
+                                   server_name=args.tls_server_name, token=token)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"alignlens: {exc}") from None
     if args.wait_seconds > 0 and client.health() != "SERVING":
         print(f"waiting up to {args.wait_seconds:.0f} s for {args.target} to be ready ...", file=sys.stderr)
         try:
@@ -68,7 +102,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     a = sub.add_parser("audit", help="attribute logged generations (JSONL in, JSONL out) through a server")
     a.add_argument("--in", dest="inp", required=True, help="JSONL of {id?, prompt, completion}")
-    a.add_argument("--out", required=True, help="output JSONL, one line per input line")
+    a.add_argument("--out", required=True, help="output JSONL: one record per attributed input line, keyed by "
+                                                "\"line\"; an existing file is resumed")
+    a.add_argument("--errors", default=None, help="JSONL of the input lines that cannot be attributed, with the "
+                                                  "reason (default: OUT.errors.jsonl)")
     a.add_argument("--detail", choices=["unspecified", "none", "summary", "full", "causal"], default="unspecified",
                    help="attribution detail")
     a.add_argument("--causal", action="store_true",
@@ -158,39 +195,150 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+# A server's answer that says the line itself is wrong: written to the errors file, not retried.
+_CLIENT_MISTAKES = ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "OUT_OF_RANGE")
+_RETRY_DELAYS_S = (1.0, 4.0, 15.0)
+
+
+def _line_key(raw: bytes) -> str:
+    """A short digest of an input line, so a re-run can tell that the input file changed."""
+    import hashlib
+
+    return hashlib.sha256(raw.rstrip(b"\r\n")).hexdigest()[:16]
+
+
+def _finished_lines(path: Path) -> dict[int, str]:
+    """{input line: its digest} of the records already in `path` (JSONL); a last line cut off by a
+    kill is removed from the file first."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+        data = data[:keep]
+    done = {}
+    for n, line in enumerate(data.splitlines(), 1):
+        try:
+            record = json.loads(line)
+            done[int(record["line"])] = record["input_sha"]
+        except (ValueError, KeyError, TypeError):
+            raise SystemExit(f"alignlens audit: {path} line {n} is not a record this command wrote; "
+                             "remove the file or name another --out / --errors") from None
+    return done
+
+
+def _parse_line(raw: bytes) -> dict:
+    """One input line -> {prompt, completion, id?, causal_indices?}; ValueError says what is wrong."""
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for key in ("prompt", "completion"):
+        if key not in row:
+            raise ValueError(f"missing {key!r}")
+    prompt, completion = row["prompt"], row["completion"]
+    is_ids = lambda v: isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)  # noqa: E731
+    is_chat = (isinstance(prompt, list) and prompt and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt))
+    if not (isinstance(prompt, str) or is_ids(prompt) or is_chat):
+        raise ValueError("'prompt' must be text, a list of token ids or a list of {role, content} messages")
+    if not (isinstance(completion, str) or is_ids(completion)):
+        raise ValueError("'completion' must be text or a list of token ids")
+    if "causal_indices" in row and not is_ids(row["causal_indices"]):
+        raise ValueError("'causal_indices' must be a list of integers")
+    return row
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    """Resumable: records are keyed by input line; a re-run of the same command finishes the rest."""
+    import time
+    from concurrent.futures import as_completed
+
     import grpc
     from tqdm import tqdm
 
     from alignlens.service.server.convert import token_to_dict
 
-    rows = _read_jsonl(args.inp)
-    with _connect(args) as client:
-        def one(item: tuple[int, dict]) -> dict:
-            n, row = item
-            rid = row.get("id", n)
+    out_path = Path(args.out)
+    err_path = Path(args.errors or f"{args.out}.errors.jsonl")
+    done = {**_finished_lines(out_path), **_finished_lines(err_path)}
+    todo: list[tuple[int, str, dict]] = []
+    malformed: list[dict] = []
+    with open(args.inp, "rb") as fh:
+        lines = list(fh)
+    for n, raw in enumerate(lines, 1):
+        key = _line_key(raw)
+        if n in done:
+            if done[n] != key:
+                raise SystemExit(f"alignlens audit: {args.inp} line {n} is not the line {args.out} was made from; "
+                                 "use the same input or another --out")
+            continue
+        if not raw.strip():
+            continue
+        try:
+            todo.append((n, key, _parse_line(raw)))
+        except ValueError as exc:
+            malformed.append({"line": n, "input_sha": key, "reason": str(exc),
+                              "input": raw.decode(errors="replace").rstrip("\r\n")[:200]})
+    if done:
+        print(f"alignlens audit: resuming: {len(done)} lines already done, {len(todo) + len(malformed)} to go",
+              file=sys.stderr)
+
+    def one(item: tuple[int, str, dict]) -> tuple[str, dict]:
+        n, key, row = item
+        rid = row.get("id", n)
+        for attempt in range(len(_RETRY_DELAYS_S) + 1):
             try:
                 resp = client.audit(row["prompt"], row["completion"], detail="causal" if args.causal else args.detail,
                                     request_id=str(rid)[:128], causal_indices=row.get("causal_indices", ()))
             except grpc.RpcError as err:
-                return {"id": rid, "error": _rpc_error(err)}
-            return {"id": rid, "prompt_tokens": resp.prompt_tokens, "tokens": [token_to_dict(t) for t in resp.tokens]}
+                code = err.code().name
+                if code in _CLIENT_MISTAKES:
+                    return "error", {"line": n, "input_sha": key, "id": rid, "reason": f"{code}: {err.details()}"}
+                if code in ("UNAUTHENTICATED", "PERMISSION_DENIED") or attempt == len(_RETRY_DELAYS_S):
+                    return "retry", {"line": n, "reason": f"{code}: {err.details()}"}
+                time.sleep(_RETRY_DELAYS_S[attempt])
+                continue
+            return "ok", {"line": n, "input_sha": key, "id": rid, "prompt_tokens": resp.prompt_tokens,
+                          "tokens": [token_to_dict(t) for t in resp.tokens]}
+        raise AssertionError("unreachable")
 
-        failed = 0
-        with ThreadPoolExecutor(max(1, args.concurrency)) as pool, open(args.out, "w") as out, \
-                tqdm(total=len(rows), unit="gen", desc="audit", disable=None) as bar:
-            for result in pool.map(one, enumerate(rows)):  # map keeps input order
-                failed += "error" in result
-                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+    counts = {"ok": 0, "error": len(malformed), "retry": 0}
+    last_retry = None
+    with _connect(args) as client, open(out_path, "a") as out, open(err_path, "a") as errors, \
+            ThreadPoolExecutor(max(1, args.concurrency)) as pool, \
+            tqdm(total=len(todo), unit="gen", desc="audit", disable=None) as bar:
+        for record in malformed:
+            errors.write(json.dumps(record, ensure_ascii=False) + "\n")
+        errors.flush()
+        futures = [pool.submit(one, item) for item in todo]
+        try:
+            for future in as_completed(futures):  # written as they finish: a kill loses nothing finished
+                kind, record = future.result()
+                counts[kind] += 1
+                if kind == "retry":
+                    last_retry = record
+                else:
+                    fh = out if kind == "ok" else errors
+                    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    fh.flush()
                 bar.update(1)
-    if failed:
-        print(f"alignlens audit: {failed} of {len(rows)} lines failed (see 'error' in {args.out})", file=sys.stderr)
-    return 1 if failed else 0
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            print("\nalignlens audit: interrupted; run the same command again to finish", file=sys.stderr)
+            return 130
+    ok_total = sum(1 for _ in open(out_path))
+    err_total = sum(1 for _ in open(err_path))
+    print(f"alignlens audit: {ok_total} lines attributed in {out_path} ({counts['ok']} by this run), {err_total} "
+          f"could not be, with the reason in {err_path}" + (
+              f"; {counts['retry']} not done (last: {last_retry['reason']}): run the same command again to retry them"
+              if counts["retry"] else ""), file=sys.stderr)
+    return 1 if counts["retry"] or err_total else 0
 
 
 def run_info(args: argparse.Namespace) -> int:

@@ -143,15 +143,22 @@ class CaptureEngine:
                      options: CaptureOptions | None = None,
                      convert: Callable[[NewToken], Any] | None = None) -> list:
         """Teacher-forced pass over prompt+completion; one NewToken (through `convert`, e.g. into a
-        response message) per completion token, in order.
+        response message) per completion token, in order (see `replay_stream`)."""
+        convert = convert or (lambda token: token)
+        async with contextlib.aclosing(self.replay_stream(rid, prompt_ids, completion_ids, options)) as stream:
+            return [convert(token) async for token in stream]
 
-        With capture, records are taken and converted as they arrive, while the engine still
-        computes later prefill chunks; after the engine finishes, the remaining records must arrive
-        within RECORD_TIMEOUT_S. Without, it is one stock prefill (prefix cache allowed).
+    async def replay_stream(self, rid: str, prompt_ids: list[int], completion_ids: list[int],
+                            options: CaptureOptions | None = None) -> AsyncIterator[NewToken]:
+        """Teacher-forced pass over prompt+completion, yielding one NewToken per completion token,
+        in order, as soon as its record arrives (use inside `contextlib.aclosing`).
+
+        With capture, records arrive while the engine still computes later prefill chunks; an
+        engine error ends the stream at once, and after the engine finishes the remaining records
+        must arrive within RECORD_TIMEOUT_S. Without, it is one stock prefill (prefix cache allowed).
         """
         from vllm import SamplingParams
 
-        convert = convert or (lambda token: token)
         options = self._captured(rid, options)
         if options is None or not options.rows:
             params = SamplingParams(max_tokens=1, temperature=0.0,
@@ -159,19 +166,14 @@ class CaptureEngine:
             async with _aborting(self.llm, rid) as state:
                 async for out in self.llm.generate(vllm_prompt(prompt_ids + completion_ids, options), params, rid):
                     state.finished = out.finished
-            return [convert(NewToken(j, t)) for j, t in enumerate(completion_ids)]
+            for j, t in enumerate(completion_ids):
+                yield NewToken(j, t)
+            return
 
         # Every row must be computed to be captured: no reading of the prefix cache.
         options = msgspec.structs.replace(options, replay_from=len(prompt_ids))
         params = SamplingParams(max_tokens=1, temperature=0.0, skip_reading_prefix_cache=True,
                                 extra_args=options.extra_args())
-
-        async def collect() -> list:
-            out = []
-            for j in range(len(completion_ids)):
-                message, record = await self.sink.take(rid, Kind.REPLAY, j, timeout_s=None)
-                out.append(convert(NewToken(j, record.token, record, message)))
-            return out
 
         async def run_engine() -> None:
             async with _aborting(self.llm, rid) as state:
@@ -179,20 +181,29 @@ class CaptureEngine:
                     state.finished = out.finished
 
         self.sink.open(rid)
-        collector = asyncio.ensure_future(collect())
         engine_run = asyncio.ensure_future(run_engine())
+        take = None
+        deadline = None  # set once the engine has finished: the records' last chance
         try:
-            await asyncio.wait({engine_run, collector}, return_when=asyncio.FIRST_COMPLETED)
-            if collector.done() and collector.exception() is not None:  # an error record: fail now
-                return collector.result()
+            for j in range(len(completion_ids)):
+                take = asyncio.ensure_future(self.sink.take(rid, Kind.REPLAY, j, timeout_s=None))
+                while not take.done():
+                    if engine_run.done():
+                        engine_run.result()  # an engine error ends the stream here
+                        deadline = deadline or time.monotonic() + RECORD_TIMEOUT_S
+                        try:
+                            await asyncio.wait_for(asyncio.shield(take), max(0.0, deadline - time.monotonic()))
+                        except asyncio.TimeoutError:
+                            raise TimeoutError(f"capture records of replay {rid!r} missing {RECORD_TIMEOUT_S:.0f} s "
+                                               "after the engine finished") from None
+                    else:
+                        await asyncio.wait({take, engine_run}, return_when=asyncio.FIRST_COMPLETED)
+                message, record = take.result()  # an error record raises here
+                yield NewToken(j, record.token, record, message)
             await engine_run
-            try:
-                return await asyncio.wait_for(asyncio.shield(collector), RECORD_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                raise TimeoutError(f"capture records of replay {rid!r} missing {RECORD_TIMEOUT_S:.0f} s after "
-                                   "the engine finished") from None
         finally:
-            collector.cancel()
+            if take is not None:
+                take.cancel()
             if not engine_run.done():
                 engine_run.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -5,10 +5,12 @@ Life of the process, in order:
      a probe for another host stops here, before any engine time is spent;
   2. metrics: /metrics on its own HTTP port (alignlens_engine_healthy = 0 while starting);
   3. gRPC: AttributionService, grpc.health.v1 (NOT_SERVING while starting) and reflection,
-     bound and answering, so orchestrators can probe health during the engine's start-up;
+     bound and answering, so orchestrators can probe health during the engine's start-up; TLS,
+     mTLS and bearer tokens (server/security.py) guard all but health;
   4. engine: CaptureEngine (AsyncLLM, multiprocessing, compiled unless --enforce-eager, the
      capture plugin, the probe in the worker), warmed up with one request; then health SERVING;
-  5. watch: a dead engine turns health NOT_SERVING, the gauge 0 and RPCs UNAVAILABLE;
+  5. watch: a dead engine turns health NOT_SERVING, the gauge 0 and RPCs UNAVAILABLE, and the
+     process exits with status 3 two seconds later, for its supervisor to restart it;
   6. drain on SIGTERM/SIGINT: health NOT_SERVING, new requests refused (UNAVAILABLE), requests
      in flight get `grace_period_seconds` to finish, then the server, engine and metrics stop
      and the process exits 0.
@@ -18,20 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from alignlens.probe.paths import alignlens_home
 from alignlens.probe.record import Detail
+from alignlens.service.engine import runtime
 from alignlens.service.engine.async_engine import CaptureEngine
 from alignlens.service.engine.config import EngineConfig
 from alignlens.service.engine.wire import CaptureOptions
 from alignlens.service.protos import MAX_MESSAGE_BYTES, load
 from alignlens.service.server import model_info as facts
+from alignlens.service.server import security
 from alignlens.service.server.admission import Admission
 from alignlens.service.server.metrics import ServiceMetrics
 from alignlens.service.server.servicer import AttributionServicer, ServerState
@@ -40,6 +47,11 @@ from alignlens.service.server.verify import Verifier
 
 pb2, pb2_grpc = load()
 log = logging.getLogger(__name__)
+
+# A dead engine never comes back: the server says NOT_SERVING for this long (clients and probes see
+# why), then exits with EXIT_ENGINE_DIED so that its supervisor (Kubernetes, systemd) restarts it.
+ENGINE_DEATH_EXIT_DELAY_S = 2.0
+EXIT_ENGINE_DIED = 3
 
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["AttributionService"].full_name
 
@@ -59,6 +71,16 @@ class ServeConfig:
     grace_period_seconds: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in "
                                                                         "flight may take to finish"})
     health_poll_seconds: float = field(default=1.0, metadata={"help": "how often the engine's liveness is checked"})
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate chain: the gRPC port speaks TLS only"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = field(default="", metadata={"help": "PEM CA bundle: clients must present a certificate it "
+                                                             "signed (mutual TLS; needs --tls-cert)"})
+    auth_token_file: str = field(default="", metadata={"help": "file of bearer tokens, one per line `TOKEN [limit=N] "
+                                                               "[name=NAME]`; calls must send `authorization: Bearer "
+                                                               "TOKEN` (tokens may also come from ALIGNLENS_AUTH_TOKENS; "
+                                                               "never from a flag)"})
+    health_port: int = field(default=0, metadata={"help": "also serve grpc.health.v1 alone, in plaintext, on this port "
+                                                          "(for Kubernetes probes when the main port needs TLS; 0 = off)"})
     verify_fraction: float = field(default=0.0, metadata={"help": "fraction of live attributed tokens whose exact "
                                                                   "family_drop the engine computes in the background "
                                                                   "to measure faithfulness (0 = off; 0..1)"})
@@ -98,17 +120,41 @@ class Server:
                                   probe_loaded=choice.path is not None, probe_missing_reason=choice.reason)
         return host, choice
 
-    async def _start_grpc(self) -> grpc.aio.Server:
-        server = grpc.aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    def _security(self) -> tuple[grpc.ServerCredentials | None, list[security.Token]]:
+        """TLS credentials and bearer tokens (security.SecurityConfigError names what is wrong)."""
+        cfg = self.config
+        if cfg.tls_client_ca and not cfg.tls_cert:
+            raise security.SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return (security.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
+                security.load_tokens(cfg.auth_token_file))
+
+    async def _start_grpc(self, credentials, tokens) -> list[grpc.aio.Server]:
+        """The main server (and the plaintext health-only one with --health-port), started."""
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        server = grpc.aio.server(options=options, interceptors=[security.Gate(tokens, self.state.metrics)])
         pb2_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self.config.host}:{self.config.port}"
-        server.add_insecure_port(address)
-        await server.start()
-        log.info("gRPC listening on %s (health NOT_SERVING until the engine is ready)", address)
-        return server
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
+        servers = [server]
+        if self.config.health_port:
+            health_only = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, health_only)
+            health_only.add_insecure_port(f"{self.config.host}:{self.config.health_port}")
+            servers.append(health_only)
+        for s in servers:
+            await s.start()
+        mode = "plaintext" if credentials is None else "TLS" + (" with client certificates" if
+                                                                self.config.tls_client_ca else "")
+        log.info("gRPC listening on %s (%s, %s; health NOT_SERVING until the engine is ready)%s", address, mode,
+                 f"{len(tokens)} bearer tokens" if tokens else "no token required",
+                 f"; health alone on {self.config.host}:{self.config.health_port}" if self.config.health_port else "")
+        return servers
 
     async def _watch_engine(self) -> None:
         """Phase 5: poll the engine's liveness (a dead engine never comes back) and its buffers.
@@ -143,13 +189,15 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_requested.set)
         try:
+            credentials, tokens = self._security()
             host, choice = self._prepare()
-        except facts.StartupError as exc:
+        except (facts.StartupError, security.SecurityConfigError) as exc:
             log.error("cannot start: %s", exc)
             return 2
         if not 0.0 <= self.config.verify_fraction <= 1.0:
             log.error("cannot start: --verify-fraction %s must be in [0, 1]", self.config.verify_fraction)
             return 2
+        private_dir = runtime.claim(Path(os.environ.get("ALIGNLENS_RUNTIME_DIR") or alignlens_home() / "runtime"))
         metrics = ServiceMetrics(host.n_layers, self.config.max_queue)
         metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)
@@ -159,7 +207,7 @@ class Server:
         if self.config.verify_fraction > 0:
             self.state.verifier = Verifier(self.config.verify_fraction, self.state, host.n_layers)
         await self._set_health(False)
-        server = await self._start_grpc()
+        servers = await self._start_grpc(credentials, tokens)
         watcher = None
         try:
             if not await self._start_engine(choice, host):
@@ -167,7 +215,13 @@ class Server:
             watcher = asyncio.create_task(self._watch_engine(), name="engine-watch")
             if self.state.verifier is not None:
                 self.state.verifier.start()
-            await self.stop_requested.wait()
+            stop = asyncio.create_task(self.stop_requested.wait())
+            await asyncio.wait({stop, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if watcher.done():  # the engine died: NOT_SERVING is already up; exit so it is restarted
+                await asyncio.sleep(ENGINE_DEATH_EXIT_DELAY_S)
+                log.error("exiting with status %d: the engine died", EXIT_ENGINE_DIED)
+                return EXIT_ENGINE_DIED
             await self._drain()
             return 0
         finally:
@@ -175,9 +229,11 @@ class Server:
                 watcher.cancel()
             if self.state.verifier is not None:
                 self.state.verifier.stop()
-            await server.stop(1.0)
+            for server in servers:
+                await server.stop(1.0)
             if self.state.engine is not None:
                 self.state.engine.shutdown()
+            runtime.release(private_dir)
             metrics.shutdown()
             log.info("stopped")
 

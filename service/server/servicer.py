@@ -189,6 +189,37 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
             return pb2.AuditResponse(request_id=inp.request_id, tokens=tokens, prompt_tokens=len(inp.prompt_ids),
                                      queue_seconds=queue_s, e2e_seconds=e2e_s)
 
+    async def AuditStream(self, request, context):
+        """Audit, one message per token as the replay attributes it (CAUSAL tokens once their drops
+        are computed), then a summary."""
+        arrival = time.perf_counter()
+        state = self.state
+        async with self._guard("AuditStream", context):
+            engine = state.ready_engine()
+            inp = validation.audit_request(request, state.limits)
+            rid = f"audit-{uuid.uuid4().hex[:16]}"
+            async with state.admission.slot():
+                queue_s = time.perf_counter() - arrival
+                state.metrics.queue_time.observe(queue_s)
+                text = TokenText(state.limits.tokenizer, inp.prompt_ids)
+                causal = set(inp.causal_indices)
+                stream = engine.replay_stream(rid, inp.prompt_ids, inp.completion_ids,
+                                              _options(rid, inp.detail, inp.interventions))
+                async with contextlib.aclosing(stream):
+                    async for new in stream:
+                        token = _audit_token(new)
+                        token.text = text.step([new.token_id])[0]
+                        if new.index in causal:
+                            drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids,
+                                                       [new.index], state.limits.n_blocks, inp.interventions)
+                            add_family_drop(token.attribution, drops[new.index])
+                        yield pb2.AuditStreamResponse(request_id=inp.request_id, token=token)
+            e2e_s = time.perf_counter() - arrival
+            state.metrics.e2e.observe(e2e_s)
+            yield pb2.AuditStreamResponse(request_id=inp.request_id, summary=pb2.AuditSummary(
+                prompt_tokens=len(inp.prompt_ids), completion_tokens=len(inp.completion_ids),
+                queue_seconds=queue_s, e2e_seconds=e2e_s))
+
     async def GetModelInfo(self, request, context):
         """The model and probe facts gathered at start-up."""
         async with self._guard("GetModelInfo", context):

@@ -15,11 +15,19 @@ CAPTURE_ARCHITECTURES = {
     "GPT2LMHeadModel": "alignlens.service.vllm_plugin.models:CaptureGPT2LMHeadModel",
 }
 
+_watching = False
+
 # Registered under the entry-point name alignlens.service.engine.config.PLUGIN_NAME (pyproject.toml).
 
 
 def register() -> None:
     from vllm import ModelRegistry
+
+    from alignlens.service.engine import runtime
+
+    global _watching
+    if not _watching:  # an engine process of `alignlens serve` stops when its parent dies
+        _watching = runtime.watch_parent() is not None
 
     for arch, qualname in CAPTURE_ARCHITECTURES.items():
         ModelRegistry.register_model(arch, qualname)
