@@ -187,8 +187,9 @@ class Gate(grpc.aio.ServerInterceptor):
         between, so a burst cannot pass it together) and given back however the call ends.
         """
         gate, limited = self, token is not None and token.limit is not None
-        message = method.rsplit("/", 2)[-2] if method.count("/") >= 2 else method
         deserialize = handler.request_deserializer
+        owner = getattr(deserialize, "__self__", None)  # FromString is a classmethod of the message type
+        message = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
 
         def decode(data: bytes):
             try:
@@ -200,7 +201,7 @@ class Gate(grpc.aio.ServerInterceptor):
             if isinstance(request, _Undecodable):
                 gate._count(method, grpc.StatusCode.INVALID_ARGUMENT)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"the request body is not a valid {message} message: "
+                                    f"the request body is not a valid {message} (RPC {method}): "
                                     f"{type(request.error).__name__}: {request.error}")
             if limited:
                 if gate.in_flight[token.name] >= token.limit:
