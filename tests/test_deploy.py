@@ -438,6 +438,37 @@ def test_model_volume_component_renders_and_validates(tmp_path):
             kv.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
 
 
+def test_tls_auth_component_mounts_secrets_and_probes_the_health_port(tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays" / "cpu", overlay)],
+        "components": [os.path.relpath(K8S / "components" / "tls-auth", overlay)]}))
+    docs = _kustomize(overlay)
+    pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = _env(docs)
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for name in ("ALIGNLENS_TLS_CERT", "ALIGNLENS_TLS_KEY", "ALIGNLENS_AUTH_TOKEN_FILE"):
+        folder = os.path.dirname(env[name])
+        assert mounts[folder]["readOnly"] is True, name
+        assert "secret" in volumes[mounts[folder]["name"]], name  # the credentials come from Secrets
+    port = int(env["ALIGNLENS_HEALTH_PORT"])
+    assert port != int(env["ALIGNLENS_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port, probe
+    assert any(p["containerPort"] == port for p in container["ports"])
+    assert not any("TOKEN" in k and "FILE" not in k for k in env), "a token in the pod spec"
+    flags = _serve_flags()
+    assert all(k.removeprefix("ALIGNLENS_").lower() in flags for k in env if k.startswith("ALIGNLENS_"))
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate not installed")
+    for doc in docs:
+        if doc["kind"] != "ServiceMonitor":
+            kv.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+
+
 def _serve_flags() -> set[str]:
     """Flags of `alignlens serve` from its own parser where it exists, else the contract above."""
     import argparse

@@ -29,7 +29,10 @@ def check(address: str, service: str, timeout_seconds: float) -> tuple[bool, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    port = os.environ.get("ALIGNLENS_PORT", "50051")
+    # with TLS on the main port, `--health-port` serves health alone in plaintext: ask there
+    port = os.environ.get("ALIGNLENS_HEALTH_PORT") or os.environ.get("ALIGNLENS_PORT", "50051")
+    if port == "0":
+        port = os.environ.get("ALIGNLENS_PORT", "50051")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--address", default=f"127.0.0.1:{port}", help="host:port of the gRPC server")
     parser.add_argument("--service", default="", help="health service name ('' = the whole server)")
