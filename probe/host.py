@@ -17,7 +17,7 @@ in-memory transformers model, without vLLM. Everything the probe needs from the 
 Block indices `i` are 0-based in code: block i is METHOD.md's layer l = i + 1, reading h_i = h_{l-1}.
 Passing i=None applies every block's norm to a stacked input h [..., L, d] (slot i gets norm i).
 
-Architecture families: "llama" (Llama, Mistral, Qwen2, SmolLM2; RMSNorm; tied or untied
+Architecture families: "llama" (Llama, Mistral, Qwen2, Qwen3, SmolLM2; RMSNorm; tied or untied
 embeddings; q/k/v and gate/up stored separately or fused) and "gpt2" (LayerNorm; Conv1D weights
 stored [in, out], i.e. transposed relative to nn.Linear).
 """
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from alignlens.probe.names import FAMILIES
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "smollm", "smollm2")
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2")
 GPT2_TYPES = ("gpt2",)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 def decoder_layers(model: nn.Module) -> tuple[list[nn.Module], str]:
     """The block list of a transformers causal LM and its architecture family ("llama" or "gpt2")."""
     base = getattr(model, "model", None) or getattr(model, "transformer", None) or model
-    if hasattr(base, "layers"):  # Llama, Mistral, Qwen2, SmolLM2
+    if hasattr(base, "layers"):  # Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 3
         return list(base.layers), "llama"
     if hasattr(base, "h"):  # GPT-2
         return list(base.h), "gpt2"
@@ -23,8 +23,12 @@ def decoder_layers(model: nn.Module) -> tuple[list[nn.Module], str]:
 
 
 def _mid_module(layer: nn.Module, arch: str) -> nn.Module:
-    # The module whose *input* is m_l: the post-attention norm (Llama) / ln_2 (GPT-2).
-    return layer.post_attention_layernorm if arch == "llama" else layer.ln_2
+    # The module whose *input* is m_l: the post-attention norm (Llama) / ln_2 (GPT-2); in Gemma's
+    # sandwich layout post_attention_layernorm norms the attention's output before the add, and
+    # m_l is the input of pre_feedforward_layernorm.
+    if arch == "gpt2":
+        return layer.ln_2
+    return getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
 
 
 @torch.no_grad()

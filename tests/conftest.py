@@ -23,6 +23,19 @@ def tiny_gpt2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """Build (once) a tiny checkpoint of a Llama-shaped family: tiny_family("qwen3") -> Path."""
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch, layers=3, hidden=128)
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def default_model() -> Path:
     """The real SmolLM2-135M-Instruct checkpoint (fetched once by `alignlens model fetch`)."""
     from alignlens.service.modelstore import fetch_default_model

@@ -67,6 +67,22 @@ def test_trace_inproc_matches_replica(arch, tiny_llama, tiny_gpt2, tmp_path):
     assert len(t["2.prompt_token_ids"]) > 64, "the long prompt must span several prefill chunks"
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "gemma3"])
+def test_other_families_capture_matches_replica(arch, tiny_family, tmp_path):
+    """Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral, Gemma 3 (sandwich norms, sliding window
+    shorter than the prompts): capture in the family's own vLLM model class equals the transformers
+    forward, eager in-process, prefill in several chunks."""
+    model_dir = tiny_family(arch)
+    result = run_trace(model_dir, tmp_path / "t.safetensors", "--no-multiprocessing", "--enforce-eager",
+                       "--max-num-batched-tokens", "64", "--max-model-len", "512")
+    t = result["tensors"]
+    model = load_replica(model_dir)
+    for i in range(len(PROMPTS)):
+        prompt, tokens = t[f"{i}.prompt_token_ids"], t[f"{i}.token_ids"]
+        check_rows(model, prompt, tokens, t[f"{i}.resid"], t[f"{i}.resid_mid"])
+        assert torch.equal(greedy_from_final(model, t[f"{i}.resid"]), tokens)
+
+
 async def _default_config_session(model_dir):
     from vllm import SamplingParams
 
@@ -192,6 +208,32 @@ def test_default_model_trace_matches_transformers(default_model, tmp_path):
     for i in range(len(PROMPTS)):
         check_rows(model, t[f"{i}.prompt_token_ids"], t[f"{i}.token_ids"], t[f"{i}.resid"], t[f"{i}.resid_mid"])
         assert torch.equal(greedy_from_final(model, t[f"{i}.resid"]), t[f"{i}.token_ids"])
+
+
+@pytest.fixture(scope="module")
+def gemma3_270m():
+    from alignlens.service.modelstore import fetch_model
+
+    return fetch_model("gemma3-270m", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["eager-inproc", "compiled-multiprocessing"])
+def test_gemma3_270m_capture_matches_transformers(config, gemma3_270m, tmp_path):
+    """The real Gemma 3 270M: capture equals a teacher-forced transformers forward (fp32, 1e-4)
+    and every greedy token is reproduced from the captured h_L, in both engine configurations,
+    with chunked prefill (64-token budget)."""
+    extra = ["--no-multiprocessing", "--enforce-eager"] if config == "eager-inproc" else []
+    result = run_trace(gemma3_270m, tmp_path / "gemma.safetensors", "--max-num-batched-tokens", "64",
+                       "--max-model-len", "1024", *extra)
+    t = result["tensors"]
+    model = load_replica(gemma3_270m)
+    errors = []
+    for i in range(len(PROMPTS)):
+        errors.append(check_rows(model, t[f"{i}.prompt_token_ids"], t[f"{i}.token_ids"], t[f"{i}.resid"],
+                                 t[f"{i}.resid_mid"]))
+        assert torch.equal(greedy_from_final(model, t[f"{i}.resid"]), t[f"{i}.token_ids"])
+    print(json.dumps({"config": config, "errors": errors}))
 
 
 ENGINE_LOGITS_SCRIPT = r"""

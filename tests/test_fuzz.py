@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from alignlens.service.client import pb2
+from tests.support.servers import started
 from tests.support.tiny import make_probe_artifact
-from tools.serve_process import ServeProcess, ServeProcessError
 
 MAX_MODEL_LEN = 128
 CLIENT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
@@ -40,14 +40,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def server(tiny_llama, tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz")
     probe = make_probe_artifact(tiny_llama, d / "tiny.safetensors")
-    srv = ServeProcess(["--model", str(tiny_llama), "--probe", str(probe), "--enforce-eager", "--max-model-len",
-                        str(MAX_MODEL_LEN), "--max-num-seqs", "8"], d / "server.log")
-    srv.start()
-    try:
-        srv.wait_serving(400)
-    except ServeProcessError as exc:
-        srv.stop()
-        pytest.fail(str(exc))
+    srv = started(["--model", str(tiny_llama), "--probe", str(probe), "--enforce-eager", "--max-model-len",
+                   str(MAX_MODEL_LEN), "--max-num-seqs", "8"], d / "server.log")
     srv.channel = grpc.insecure_channel(srv.target)
     yield srv
     srv.channel.close()

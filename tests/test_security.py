@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from alignlens.service.client import AttributionClient, pb2
 from alignlens.service.server import security
-from tools.serve_process import ServeProcess, ServeProcessError, free_port
+from tests.support.servers import started
+from tools.serve_process import ServeProcess, free_port
 
 ALICE = "alice-token-0123456789abcdef"  # limit=1
 BOB = "bob-token-fedcba9876543210xyz"
@@ -80,15 +81,8 @@ def pki(tmp_path_factory) -> dict[str, str]:
 
 
 def _start(tiny_llama, log: Path, client_options: dict, *extra: str, env: dict | None = None) -> ServeProcess:
-    srv = ServeProcess(["--model", str(tiny_llama), "--probe", "none", "--enforce-eager", "--max-model-len", "256",
-                        *extra], log, env=env, client_options=client_options)
-    srv.start()
-    try:
-        srv.wait_serving(400)
-    except ServeProcessError as exc:
-        srv.stop()
-        pytest.fail(str(exc))
-    return srv
+    return started(["--model", str(tiny_llama), "--probe", "none", "--enforce-eager", "--max-model-len", "256",
+                    *extra], log, env=env, client_options=client_options)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from alignlens.probe.artifact import SHIPPED_ARTIFACTS, ArtifactError, FingerprintMismatch, load_artifact, read_metadata
 from alignlens.probe.fingerprint import host_fingerprint
-from alignlens.probe.host import Host
+from alignlens.probe.host import Host, UnsupportedHost
 from alignlens.probe.names import DEFAULT_K, FAMILIES
 from alignlens.service.protos import load
 
@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 
 class StartupError(RuntimeError):
     """The server cannot start as configured; the message says why and what to do."""
+
+
+@dataclass
+class ProbeChoice:
+    """The artifact to load (path None: serve without attribution, `reason` says why)."""
+
+    path: Path | None
+    reason: str = ""
+    metadata: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -38,20 +47,32 @@ class HostFacts:
     n_layers: int
     d_model: int
     vocab_size: int
-
-
-@dataclass
-class ProbeChoice:
-    """The artifact to load (path None: serve without attribution, `reason` says why)."""
-
-    path: Path | None
-    reason: str = ""
-    metadata: dict = field(default_factory=dict)
+    probe_unsupported: str = ""  # why probe/ cannot read this architecture (then no probe loads)
 
 
 def host_facts(model_path: Path) -> HostFacts:
-    """Phase 1: architecture and fingerprint (reads every weight once: ~1 s per 500 MB)."""
-    host = Host.from_checkpoint(model_path)
+    """Phase 1: architecture and fingerprint (reads every weight once: ~1 s per 500 MB).
+
+    An architecture the engine captures but probe/ cannot read yet (e.g. Gemma 3) is still served,
+    without attribution: its facts come from config.json and its fingerprint is a sha256 over the
+    checkpoint's config and weight files ("checkpoint-v1:" prefix, never equal to a host fingerprint).
+    """
+    try:
+        host = Host.from_checkpoint(model_path)
+    except UnsupportedHost as exc:
+        import hashlib
+        import json
+
+        cfg = json.loads((model_path / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        digest = hashlib.sha256()
+        for f in sorted(model_path.glob("*.safetensors")) + [model_path / "config.json"]:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+        return HostFacts(name=model_path.name, path=model_path, fingerprint="checkpoint-v1:" + digest.hexdigest(),
+                         n_layers=int(cfg["num_hidden_layers"]), d_model=int(cfg["hidden_size"]),
+                         vocab_size=int(cfg["vocab_size"]), probe_unsupported=str(exc))
     spec = host.spec
     return HostFacts(name=model_path.name, path=model_path, fingerprint=host_fingerprint(host),
                      n_layers=spec.n_layers, d_model=spec.d_model, vocab_size=spec.vocab_size)
@@ -61,6 +82,11 @@ def choose_probe(setting: str, host: HostFacts) -> ProbeChoice:
     """Phases 2-3 for `--probe auto|none|PATH`. Raises StartupError on a bad or mismatched path."""
     if setting == "none":
         return ProbeChoice(None, "the server was started with --probe none")
+    if host.probe_unsupported:
+        if setting == "auto":
+            return ProbeChoice(None, f"the probe cannot read this architecture yet ({host.probe_unsupported}); "
+                                     "served without attribution")
+        raise StartupError(f"--probe {setting}: the probe cannot read model {host.name}: {host.probe_unsupported}")
     if setting == "auto":
         for candidate in sorted(SHIPPED_ARTIFACTS.glob("*.safetensors")):
             try:

@@ -135,13 +135,10 @@ class _Undecodable:
 
 def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers `code` without reading the request."""
-    if handler.request_streaming:
-        async def abort_stream(_requests, context):
-            await context.abort(code, message)
-    else:
-        async def abort_stream(_request, context):
-            await context.abort(code, message)
-    return _KINDS[handler.request_streaming, handler.response_streaming](abort_stream)
+    async def abort(_request_or_iterator, context):
+        await context.abort(code, message)
+
+    return _KINDS[handler.request_streaming, handler.response_streaming](abort)
 
 
 class Gate(grpc.aio.ServerInterceptor):
@@ -150,7 +147,7 @@ class Gate(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: list[Token], metrics=None):
         self.tokens = tokens
         self.metrics = metrics
-        self.in_flight: dict[str, int] = {t.name: 0 for t in tokens}
+        self.in_flight: dict[bytes, int] = {t.digest: 0 for t in tokens}  # calls per token now
 
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None and not method.startswith(OPEN_SERVICES):
@@ -204,16 +201,16 @@ class Gate(grpc.aio.ServerInterceptor):
                                     f"the request body is not a valid {message} (RPC {method}): "
                                     f"{type(request.error).__name__}: {request.error}")
             if limited:
-                if gate.in_flight[token.name] >= token.limit:
+                if gate.in_flight[token.digest] >= token.limit:
                     gate._count(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"this token already has {token.limit} calls in flight (its limit); "
                                         f"retry when one finishes")
-                gate.in_flight[token.name] += 1
+                gate.in_flight[token.digest] += 1
 
         def leave() -> None:
             if limited:
-                gate.in_flight[token.name] -= 1
+                gate.in_flight[token.digest] -= 1
 
         streaming_in = handler.request_streaming  # reflection: grpc decodes its messages one by one
         inner = (handler.stream_stream or handler.stream_unary) if streaming_in else \

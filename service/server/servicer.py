@@ -165,60 +165,56 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
     async def Audit(self, request, context):
         """Replay prompt + completion teacher-forced in one pass; attribute every completion token."""
         arrival = time.perf_counter()
-        state = self.state
         async with self._guard("Audit", context):
-            engine = state.ready_engine()
-            inp = validation.audit_request(request, state.limits)
-            rid = f"audit-{uuid.uuid4().hex[:16]}"
-            async with state.admission.slot():
-                queue_s = time.perf_counter() - arrival
-                state.metrics.queue_time.observe(queue_s)
-                # messages are built as records arrive, while the engine computes later chunks
-                options = _options(rid, inp.detail, inp.interventions)
-                tokens = await engine.replay(rid, inp.prompt_ids, inp.completion_ids, options, convert=_audit_token)
-                if inp.causal_indices:  # exact ablations, by the engine (engine/causal.py)
-                    drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids, inp.causal_indices,
-                                               state.limits.n_blocks, inp.interventions)
-                    for t, rows in drops.items():
-                        add_family_drop(tokens[t].attribution, rows)
-            deltas = TokenText(state.limits.tokenizer, inp.prompt_ids).step(inp.completion_ids)
-            for token, delta in zip(tokens, deltas, strict=True):
-                token.text = delta
+            engine = self.state.ready_engine()
+            inp = validation.audit_request(request, self.state.limits)
+            async with contextlib.aclosing(self._audited(engine, inp, arrival)) as audited:
+                done = [item async for item in audited]
+            queue_s = done[0][0] if done else 0.0
             e2e_s = time.perf_counter() - arrival
-            state.metrics.e2e.observe(e2e_s)
-            return pb2.AuditResponse(request_id=inp.request_id, tokens=tokens, prompt_tokens=len(inp.prompt_ids),
-                                     queue_seconds=queue_s, e2e_seconds=e2e_s)
+            self.state.metrics.e2e.observe(e2e_s)
+            return pb2.AuditResponse(request_id=inp.request_id, tokens=[t for _, t in done],
+                                     prompt_tokens=len(inp.prompt_ids), queue_seconds=queue_s, e2e_seconds=e2e_s)
 
     async def AuditStream(self, request, context):
         """Audit, one message per token as the replay attributes it (CAUSAL tokens once their drops
         are computed), then a summary."""
         arrival = time.perf_counter()
-        state = self.state
         async with self._guard("AuditStream", context):
-            engine = state.ready_engine()
-            inp = validation.audit_request(request, state.limits)
-            rid = f"audit-{uuid.uuid4().hex[:16]}"
-            async with state.admission.slot():
-                queue_s = time.perf_counter() - arrival
-                state.metrics.queue_time.observe(queue_s)
-                text = TokenText(state.limits.tokenizer, inp.prompt_ids)
-                causal = set(inp.causal_indices)
-                stream = engine.replay_stream(rid, inp.prompt_ids, inp.completion_ids,
-                                              _options(rid, inp.detail, inp.interventions))
-                async with contextlib.aclosing(stream):
-                    async for new in stream:
-                        token = _audit_token(new)
-                        token.text = text.step([new.token_id])[0]
-                        if new.index in causal:
-                            drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids,
-                                                       [new.index], state.limits.n_blocks, inp.interventions)
-                            add_family_drop(token.attribution, drops[new.index])
-                        yield pb2.AuditStreamResponse(request_id=inp.request_id, token=token)
+            engine = self.state.ready_engine()
+            inp = validation.audit_request(request, self.state.limits)
+            queue_s = 0.0
+            async with contextlib.aclosing(self._audited(engine, inp, arrival)) as audited:
+                async for queue_s, token in audited:
+                    yield pb2.AuditStreamResponse(request_id=inp.request_id, token=token)
             e2e_s = time.perf_counter() - arrival
-            state.metrics.e2e.observe(e2e_s)
+            self.state.metrics.e2e.observe(e2e_s)
             yield pb2.AuditStreamResponse(request_id=inp.request_id, summary=pb2.AuditSummary(
                 prompt_tokens=len(inp.prompt_ids), completion_tokens=len(inp.completion_ids),
                 queue_seconds=queue_s, e2e_seconds=e2e_s))
+
+    async def _audited(self, engine: CaptureEngine, inp: validation.AuditInput,
+                       arrival: float) -> AsyncIterator[tuple[float, "pb2.Token"]]:
+        """(queue seconds, Token) per completion token, in order, as the replay attributes it: text
+        filled in, and with CAUSAL the engine's exact family_drop (engine/causal.py)."""
+        state = self.state
+        rid = f"audit-{uuid.uuid4().hex[:16]}"
+        async with state.admission.slot():
+            queue_s = time.perf_counter() - arrival
+            state.metrics.queue_time.observe(queue_s)
+            text = TokenText(state.limits.tokenizer, inp.prompt_ids)
+            causal = set(inp.causal_indices)
+            stream = engine.replay_stream(rid, inp.prompt_ids, inp.completion_ids,
+                                          _options(rid, inp.detail, inp.interventions))
+            async with contextlib.aclosing(stream):
+                async for new in stream:  # records arrive while the engine computes later chunks
+                    token = _audit_token(new)
+                    token.text = text.step([new.token_id])[0]
+                    if new.index in causal:
+                        drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids, [new.index],
+                                                   state.limits.n_blocks, inp.interventions)
+                        add_family_drop(token.attribution, drops[new.index])
+                    yield queue_s, token
 
     async def GetModelInfo(self, request, context):
         """The model and probe facts gathered at start-up."""

@@ -10,7 +10,7 @@ compiled forward: the inner model returns, beside its normal output, a list of
 rows that decide tokens) and returns the plain hidden states, so vLLM's model runner
 sees a stock model.
 
-Llama/Qwen2 use vLLM's EAGLE-3 auxiliary-hidden-state mechanism: all depths are
+Llama/Mistral/Qwen2/Qwen3 use vLLM's EAGLE-3 auxiliary-hidden-state mechanism: all depths are
 enabled at construction, before compilation, and `_maybe_add_hidden_state` is
 extended to also record m_l (the `residual` a Llama block returns is exactly the
 stream after its attention add). GPT-2 blocks add inside themselves, so the GPT-2
@@ -28,12 +28,16 @@ from __future__ import annotations
 
 from itertools import islice
 
+from vllm.model_executor.models import gemma3 as vllm_gemma3
 from vllm.model_executor.models import gpt2 as vllm_gpt2
 from vllm.model_executor.models import qwen2 as vllm_qwen2
+from vllm.model_executor.models import qwen3 as vllm_qwen3
+from vllm.model_executor.models.gemma3 import Gemma3DecoderLayer, Gemma3ForCausalLM, Gemma3Model
 from vllm.model_executor.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.mistral import MistralDecoderLayer, MistralForCausalLM, MistralModel
 from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM, Qwen2Model
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM, Qwen3Model
 
 from alignlens.service.vllm_plugin import capture, heads, internals, interventions
 from alignlens.service.vllm_plugin.interventions import MLP_IN, QKV
@@ -86,6 +90,10 @@ class CaptureQwen2DecoderLayer(_IntervenedLayer, Qwen2DecoderLayer):
     pass
 
 
+class CaptureQwen3DecoderLayer(_IntervenedLayer, Qwen3DecoderLayer):
+    pass
+
+
 class _AuxCaptureMixin:
     """Records [h_0, m_1, h_1, ..., m_L, h_L] through the EAGLE-3 aux mechanism; gives every block
     its intervention hooks."""
@@ -123,6 +131,10 @@ class CaptureQwen2Model(_AuxCaptureMixin, Qwen2Model):
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=CaptureQwen2DecoderLayer)
 
 
+class CaptureQwen3Model(_AuxCaptureMixin, Qwen3Model):
+    decoder_layer_type = CaptureQwen3DecoderLayer  # Qwen3Model hands this to Qwen2Model
+
+
 class CaptureGPT2Model(GPT2Model):
     """GPT-2 with the block arithmetic inlined so m_l is visible (and the hooks applied)."""
 
@@ -149,6 +161,58 @@ class CaptureGPT2Model(GPT2Model):
             h = m + block.mlp(x if iv is None else iv.read(x, MLP_IN))
             stream += [m, h]
         return self.ln_f(h), stream
+
+
+class CaptureGemma3DecoderLayer(Gemma3DecoderLayer):
+    """vLLM's Gemma 3 layer with the intervention hooks. Its sublayers are "sandwich" normed: the
+    attention's output is RMS-normed (post_attention_layernorm) before it is added, so the
+    attn_out hook acts on what o_proj writes, before that norm (where W_O's directions live)."""
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        iv = getattr(self, "alignlens_iv", None)
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        if iv is not None:
+            hidden_states = iv.read(hidden_states, QKV)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
+        if iv is not None:
+            hidden_states = iv.write(hidden_states)
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
+        if iv is not None:
+            hidden_states = iv.read(hidden_states, MLP_IN)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return hidden_states, residual
+
+
+class CaptureGemma3Model(Gemma3Model):
+    """Gemma 3 with the stream recorded in its own (compiled) forward. A layer returns
+    (its MLP write, m_l) with the add deferred into the next fused add+norm, as in Llama, so
+    h_l = write + m_l; m_l and h_0 are cloned because the fused add+norm updates in place."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _SwapInner(vllm_gemma3, "Gemma3DecoderLayer", CaptureGemma3DecoderLayer):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        layers = list(islice(self.layers, self.start_layer, self.end_layer))
+        if interventions.enabled():
+            interventions.attach_hooks(layers, *_hook_sizes(vllm_config))
+        if heads.enabled():
+            heads.attach((layer.self_attn.o_proj for layer in layers), _hook_sizes(vllm_config)[1])
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        _require_single_stage()
+        h = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        stream = [h.clone()]
+        residual = None
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
+            h, residual = layer(positions, h, residual, **kwargs)
+            stream += [residual.clone(), h + residual]
+        hidden, _ = self.norm(h, residual)
+        return hidden, stream
 
 
 class _CaptureForwardMixin:
@@ -200,6 +264,18 @@ class CaptureQwen2ForCausalLM(_CaptureForwardMixin, Qwen2ForCausalLM):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
 
 
+class CaptureQwen3ForCausalLM(_CaptureForwardMixin, Qwen3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _SwapInner(vllm_qwen3, "Qwen3Model", CaptureQwen3Model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
+class CaptureGemma3ForCausalLM(_CaptureForwardMixin, Gemma3ForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        with _SwapInner(vllm_gemma3, "Gemma3Model", CaptureGemma3Model):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+
+
 class CaptureGPT2LMHeadModel(_CaptureForwardMixin, GPT2LMHeadModel):
     _inner = "transformer"
 
@@ -210,5 +286,5 @@ class CaptureGPT2LMHeadModel(_CaptureForwardMixin, GPT2LMHeadModel):
 
 __all__ = [
     "CaptureLlamaForCausalLM", "CaptureMistralForCausalLM",
-    "CaptureQwen2ForCausalLM", "CaptureGPT2LMHeadModel",
+    "CaptureQwen2ForCausalLM", "CaptureQwen3ForCausalLM", "CaptureGemma3ForCausalLM", "CaptureGPT2LMHeadModel",
 ]

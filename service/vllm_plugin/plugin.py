@@ -12,6 +12,8 @@ CAPTURE_ARCHITECTURES = {
     "LlamaForCausalLM": "alignlens.service.vllm_plugin.models:CaptureLlamaForCausalLM",
     "MistralForCausalLM": "alignlens.service.vllm_plugin.models:CaptureMistralForCausalLM",
     "Qwen2ForCausalLM": "alignlens.service.vllm_plugin.models:CaptureQwen2ForCausalLM",
+    "Qwen3ForCausalLM": "alignlens.service.vllm_plugin.models:CaptureQwen3ForCausalLM",
+    "Gemma3ForCausalLM": "alignlens.service.vllm_plugin.models:CaptureGemma3ForCausalLM",
     "GPT2LMHeadModel": "alignlens.service.vllm_plugin.models:CaptureGPT2LMHeadModel",
 }
 

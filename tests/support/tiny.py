@@ -40,13 +40,19 @@ def build_tokenizer(out: Path, vocab_size: int = 384):
     return fast
 
 
+# Families with Llama's block layout in transformers and vLLM: (config class, model class)
+LLAMA_SHAPED = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+                "mistral": ("MistralConfig", "MistralForCausalLM")}
+
 VOCAB = 96  # in-memory models: token ids 0..95 (0 = bos, 1 = eos)
 
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, layers: int = 3, hidden: int = 64, vocab: int = VOCAB,
                mlp_ratio: float = 1.5, tied: bool = True, bias: bool = False, positions: int = 256,
                bos: int = 0, eos: int = 1, init: str = "scaled") -> torch.nn.Module:
-    """A random `arch` ("llama" or "gpt2") model in eval mode, float32.
+    """A random `arch` model in eval mode, float32: "llama", "gpt2", or the Llama-shaped families
+    "qwen2" (biases on q/k/v), "qwen3" (RMSNorm on q and k per head) and "mistral"; "gemma3"
+    (sandwich norms, gated GELU, sliding-window layers every 2 of 3).
 
     init "scaled": default init with 2-D weights x6 and perturbed norm gains and biases, so every
     term of the feature definitions matters (probe tests); "normal": 2-D weights ~ N(0, 0.08), so
@@ -62,18 +68,43 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, layers: int = 3, hidden: i
                           attention_bias=bias, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
                           rope_theta=10000.0)
         model = LlamaForCausalLM(cfg)
+    elif arch in LLAMA_SHAPED:
+        import transformers
+
+        config_cls, model_cls = (getattr(transformers, n) for n in LLAMA_SHAPED[arch])
+        extra = {"head_dim": hidden // 4} if arch == "qwen3" else {}
+        cfg = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * mlp_ratio),
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=positions, rms_norm_eps=1e-5, tie_word_embeddings=tied,
+                         bos_token_id=bos, eos_token_id=eos, pad_token_id=None, rope_theta=10000.0,
+                         sliding_window=None, **extra)
+        model = model_cls(cfg)
+    elif arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * mlp_ratio),
+                               num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=hidden // 4, max_position_embeddings=positions, rms_norm_eps=1e-6,
+                               tie_word_embeddings=tied, bos_token_id=bos, eos_token_id=eos, pad_token_id=None,
+                               sliding_window=16, query_pre_attn_scalar=hidden // 4,
+                               layer_types=["sliding_attention" if (i + 1) % 3 else "full_attention"
+                                            for i in range(layers)])
+        model = Gemma3ForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=positions,
                          bos_token_id=bos, eos_token_id=eos)
         model = GPT2LMHeadModel(cfg)
     else:
-        raise ValueError(f"arch must be 'llama' or 'gpt2', got {arch!r}")
+        raise ValueError(f"arch must be 'llama', 'gpt2', 'gemma3' or one of {sorted(LLAMA_SHAPED)}, got {arch!r}")
     model = model.to(torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if init == "normal":
                 if p.dim() == 2:
                     p.normal_(0.0, 0.08)
+                elif arch in LLAMA_SHAPED or arch == "gemma3":  # the families' own terms matter: q/k/v
+                    # biases, q/k norms, Gemma's (1 + w) sandwich norms
+                    p.add_(0.3 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
             elif p.ndim == 2:
                 p.mul_(6.0)
             elif "norm" in name or "ln_" in name:
@@ -97,7 +128,7 @@ def random_tokens(n: int, seed: int = 0) -> torch.Tensor:
 
 
 def build_tiny_model(out: Path, arch: str = "llama", seed: int = 0, layers: int = 4, hidden: int = 256) -> Path:
-    """Write a random tiny `arch` ("llama" or "gpt2") checkpoint with its tokenizer to `out`; returns `out`."""
+    """Write a random tiny `arch` (see `tiny_model`) checkpoint with its tokenizer to `out`; returns `out`."""
     out = Path(out)
     if (out / "config.json").exists():
         return out
