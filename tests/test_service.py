@@ -648,3 +648,27 @@ def test_kill_9_leaves_no_engine_processes_or_files(tiny_llama, tmp_path):
         assert not private[0].exists(), list(private[0].iterdir())
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_served_without_attribution(tmp_path):
+    """Gemma 3 270M through `alignlens serve --model gemma3-270m` (compiled): the probe cannot read
+    its architecture yet, so it is served without attribution and says why; tokens are the model's."""
+    srv = ServerProcess("gemma3-270m", tmp_path / "server.log")
+    try:
+        srv.wait_ready(900)
+        info = srv.client.model_info()
+        assert (info.n_layers, info.d_model, info.vocab_size) == (18, 640, 262144)
+        assert not info.probe.loaded and "gemma3_text" in info.probe.unavailable_reason
+        assert info.fingerprint.startswith("checkpoint-v1:")
+        tokens, fin = _generate(srv.client, "The capital of France is", max_tokens=8, temperature=0.0)
+        assert "".join(t["text"] for t in tokens).startswith(" the capital of the country of France"), tokens
+        assert all(t["attribution"] is None for t in tokens) and fin.prompt_token_ids[0] == 2  # BOS first
+        for detail in ("summary", "full"):
+            with pytest.raises(grpc.RpcError) as err:
+                list(srv.client.generate("Hi", max_tokens=2, detail=detail))
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        audit = srv.client.audit(list(fin.prompt_token_ids), [t["token_id"] for t in tokens], detail="none")
+        assert [t.token_id for t in audit.tokens] == [t["token_id"] for t in tokens]
+    finally:
+        srv.stop()

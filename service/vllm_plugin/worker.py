@@ -52,7 +52,8 @@ def _intervention_bases(model, attributor, checkpoint_dir: str | None):
     """(basis [L, 3, k, d], attn_out bias [L, d]) for the model's intervention hooks: the probe's own
     SVD factors when a probe is loaded (so direction indices mean the same in attributions and
     interventions), else the host's top-DEFAULT_K factors (cached by fingerprint). None when the
-    model has no hooks (ALIGNLENS_INTERVENTIONS=0) or no checkpoint is known."""
+    model has no hooks (ALIGNLENS_INTERVENTIONS=0), no checkpoint is known, or probe/ cannot read the
+    architecture yet (then requests with interventions are refused: intervention_k 0)."""
     from alignlens.service.vllm_plugin.interventions import find_hooks
 
     if not find_hooks(model):
@@ -61,8 +62,12 @@ def _intervention_bases(model, attributor, checkpoint_dir: str | None):
         return attributor.factors.basis, attributor.host.attn_out_bias
     if not checkpoint_dir:
         return None
-    from alignlens.probe.host import Host
+    from alignlens.probe.host import Host, UnsupportedHost
     from alignlens.probe.svd import load_or_compute
 
-    host = Host.from_checkpoint(checkpoint_dir)
+    try:
+        host = Host.from_checkpoint(checkpoint_dir)
+    except UnsupportedHost as exc:
+        log.warning("no interventions for this model: %s", exc)
+        return None
     return load_or_compute(host).basis, host.attn_out_bias
