@@ -9,7 +9,7 @@ from alignlens.probe.features import alignment_features
 from alignlens.probe.host import Host
 from alignlens.probe.replica import capture_replica
 from alignlens.probe.svd import compute_factors
-from tests.support.tiny import random_tokens, tiny_gpt2, tiny_llama
+from tests.support.tiny import random_tokens, tiny_gpt2, tiny_llama, tiny_model
 
 K = 8
 
@@ -43,7 +43,10 @@ def _record_module_io(model, arch: str, ids: torch.Tensor):
 
 @pytest.mark.parametrize("make,arch", [(tiny_llama, "llama"), (lambda: tiny_llama(tied=False), "llama"),
                                        (lambda: tiny_llama(bias=True), "llama"),
-                                       (tiny_gpt2, "gpt2")])
+                                       (tiny_gpt2, "gpt2"),
+                                       # Llama-shaped families probe/ reads the same way
+                                       (lambda: tiny_model("qwen2"), "llama"), (lambda: tiny_model("qwen3"), "llama"),
+                                       (lambda: tiny_model("mistral"), "llama")])
 def test_features_match_naive_hooks(make, arch):
     model = make()
     host = Host.from_model(model)
