@@ -342,6 +342,65 @@ def test_audit_stream_equals_audit(server):
         assert server.wait_metric(name, 0) == 0, name
 
 
+def _page_structure(page: str) -> dict:
+    """Counts of what a rendered report holds, read with the standard HTML parser."""
+    from html.parser import HTMLParser
+
+    found = {"tok": 0, "titles": [], "ids": set(), "sections": 0, "external": []}
+
+    class Reader(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if a.get("class") == "tok":
+                found["tok"] += 1
+                found["titles"].append(a.get("title", ""))
+            if a.get("class") == "generation":
+                found["sections"] += 1
+            if "id" in a:
+                found["ids"].add(a["id"])
+            for key in ("src", "href"):
+                if key in a:
+                    found["external"].append((tag, a[key]))
+
+    Reader().feed(page)
+    return found
+
+
+def test_cli_pictures_html_and_png(server, tmp_path):
+    """`generate --html/--png` and `audit --html/--png` draw the real attribution, self-contained."""
+    import json
+
+    from PIL import Image
+
+    target = ["--target", f"127.0.0.1:{server.port}"]
+    cli = [sys.executable, "-m", "alignlens.service.cli"]
+    page, png = tmp_path / "gen.html", tmp_path / "gen.png"
+    out = subprocess.run([*cli, "generate", PROMPTS[0], "--max-tokens", "6", "--detail", "full", "--json",
+                          "--html", str(page), "--png", str(png), *target],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tokens = [json.loads(line) for line in out.stdout.splitlines()][:-1]
+    text = page.read_text()
+    found = _page_structure(text)
+    assert found["tok"] == 6 and found["sections"] == 1
+    assert {"depth-heatmap-svg", "family-shares-svg", "dla-svg", "text-0"} <= found["ids"], found["ids"]
+    assert not found["external"] and "url(" not in text and "@import" not in text  # nothing fetched at view time
+    for title, token in zip(found["titles"], tokens, strict=True):  # the numbers on hover are the served ones
+        a = token["attribution"]
+        assert f"crystallization depth {a['crystallization_depth']}" in title and f"id {token['token_id']}" in title
+        assert f"total {a['dla_total']:+.3f}" in title
+    image = Image.open(png)
+    assert image.size[0] > 100 and len(image.getcolors(maxcolors=1 << 20)) > 10  # drawn, not blank
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("".join(json.dumps({"prompt": p, "completion": " and so on"}) + "\n" for p in PROMPTS[:3]))
+    out = subprocess.run([*cli, "audit", "--in", str(logs), "--out", str(tmp_path / "a.jsonl"), "--detail", "summary",
+                          "--html", str(tmp_path / "a.html"), "--png", str(tmp_path / "a.png"), *target],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _page_structure((tmp_path / "a.html").read_text())["sections"] == 3
+    assert all((tmp_path / f"a-{line}.png").is_file() for line in (1, 2, 3))
+
+
 def _gen(prompt=None, detail=pb2.ATTRIBUTION_DETAIL_NONE, request_id="", **sampling) -> "pb2.GenerateRequest":
     return pb2.GenerateRequest(prompt=prompt, sampling=pb2.SamplingParameters(**sampling), detail=detail,
                                request_id=request_id)
@@ -673,3 +732,4 @@ def test_gemma3_270m_served_without_attribution(tmp_path):
         assert [t.token_id for t in audit.tokens] == [t["token_id"] for t in tokens]
     finally:
         srv.stop()
+

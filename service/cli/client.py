@@ -97,6 +97,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "DIRS comma-separated indices or empty for all k, SCALE default 0 (ablate), START/END "
                         "sequence positions; e.g. 24:mlp_in ablates block 24's mlp_in top-k")
     g.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    g.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page of the attribution")
+    g.add_argument("--png", metavar="FILE", help="also write a static figure (depth heatmap + family shares)")
     _common(g)
     g.set_defaults(func=run_generate)
 
@@ -112,6 +114,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also compute each token's exact family_drop on the engine (detail causal; completions of "
                         "at most 16 tokens, or name them per line with \"causal_indices\")")
     a.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    a.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page with a section per "
+                                                  "attributed line (everything in --out, in line order)")
+    a.add_argument("--png", metavar="FILE", help="also write a static figure per attributed line: FILE with the "
+                                                 "line number before its suffix (out.png -> out-3.png)")
     _common(a)
     a.set_defaults(func=run_audit)
 
@@ -143,7 +149,10 @@ def run_generate(args: argparse.Namespace) -> int:
     )
 
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    client_info = None
     with _connect(args) as client:
+        if args.html:
+            client_info = client.model_info()
         try:
             interventions = [parse_intervention(spec) for spec in args.intervene]
         except ValueError as exc:
@@ -180,6 +189,13 @@ def run_generate(args: argparse.Namespace) -> int:
             stream.cancel()
             return 130
     fin = stream.finished
+    if args.html or args.png:
+        from alignlens.service.report import Section
+
+        section = Section(title="completion" + (f" (request {stream.request_id})" if stream.request_id else ""),
+                          prompt=args.prompt,
+                          tokens=[token_to_dict(t) for t in stream.tokens])
+        _write_pictures(args, [(None, section)], info=client_info)
     if args.json:
         print(json.dumps({"request_id": stream.request_id, "finished": _to_dict(fin)}))
         return 0
@@ -193,6 +209,27 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"-- {n} tokens, {pb2.FinishReason.Name(fin.finish_reason).removeprefix('FINISH_REASON_').lower()}; "
           f"time to first token {fin.time_to_first_token_seconds * 1000:.0f} ms, {rate:.1f} tokens/s after it")
     return 0
+
+
+def _write_pictures(args: argparse.Namespace, sections: list, info=None) -> None:
+    """--html (one page, every section) and --png (one figure per section) for generate / audit."""
+    from alignlens.service.report import render_html, render_png
+
+    if args.html:
+        title = f"alignlens audit of {args.inp}" if hasattr(args, "inp") else "alignlens generate"
+        page = render_html([s for _, s in sections], title=title, model=info.name if info is not None else "",
+                           n_layers=info.n_layers if info is not None else None)
+        Path(args.html).write_text(page, encoding="utf-8")
+        print(f"alignlens: wrote {args.html}", file=sys.stderr)
+    if args.png:
+        for line, section in sections:
+            if not section.attributed:
+                continue
+            path = Path(args.png)
+            if line is not None:
+                path = path.with_name(f"{path.stem}-{line}{path.suffix}")
+            render_png(section, str(path))
+            print(f"alignlens: wrote {path}", file=sys.stderr)
 
 
 # A server's answer that says the line itself is wrong: written to the errors file, not retried.
@@ -332,6 +369,8 @@ def run_audit(args: argparse.Namespace) -> int:
                 future.cancel()
             print("\nalignlens audit: interrupted; run the same command again to finish", file=sys.stderr)
             return 130
+    if args.html or args.png:
+        _audit_pictures(args, lines, out_path)
     ok_total = sum(1 for _ in open(out_path))
     err_total = sum(1 for _ in open(err_path))
     print(f"alignlens audit: {ok_total} lines attributed in {out_path} ({counts['ok']} by this run), {err_total} "
@@ -339,6 +378,21 @@ def run_audit(args: argparse.Namespace) -> int:
               f"; {counts['retry']} not done (last: {last_retry['reason']}): run the same command again to retry them"
               if counts["retry"] else ""), file=sys.stderr)
     return 1 if counts["retry"] or err_total else 0
+
+
+def _audit_pictures(args: argparse.Namespace, lines: list[bytes], out_path: Path) -> None:
+    """Pictures of every attributed line in --out (this run's and earlier runs'), in line order."""
+    from alignlens.service.report import Section
+
+    records = sorted((json.loads(r) for r in out_path.read_text().splitlines()), key=lambda r: r["line"])
+    sections = []
+    for r in records:
+        row = json.loads(lines[r["line"] - 1])
+        prompt = row["prompt"] if isinstance(row["prompt"], str) else json.dumps(row["prompt"], ensure_ascii=False)
+        sections.append((r["line"], Section(title=f"line {r['line']} (id {r['id']})", prompt=prompt,
+                                            tokens=r["tokens"])))
+    if sections:
+        _write_pictures(args, sections)
 
 
 def run_info(args: argparse.Namespace) -> int:

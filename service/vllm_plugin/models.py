@@ -54,21 +54,29 @@ def _hook_sizes(vllm_config) -> tuple[int, int]:
     return vllm_config.model_config.get_hidden_size(), sched.max_num_batched_tokens + sched.max_num_seqs
 
 
+def _attention(layer, iv, positions, hidden_states, residual, **kwargs):
+    """A decoder layer's first half as vLLM writes it: the input norm (fused with the deferred add
+    of the previous block's write), then attention, with the hooks on what q/k/v read and on what
+    o_proj writes. Returns (o_proj's output, the stream before this block's attention)."""
+    if residual is None:
+        residual = hidden_states
+        hidden_states = layer.input_layernorm(hidden_states)
+    else:
+        hidden_states, residual = layer.input_layernorm(hidden_states, residual)
+    if iv is not None:
+        hidden_states = iv.read(hidden_states, QKV)
+    hidden_states = layer.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
+    if iv is not None:
+        hidden_states = iv.write(hidden_states)
+    return hidden_states, residual
+
+
 class _IntervenedLayer:
     """A Llama-family decoder layer's forward (as vLLM writes it) with the intervention hooks."""
 
     def forward(self, positions, hidden_states, residual, t_cond=None):
         iv = getattr(self, "alignlens_iv", None)
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        if iv is not None:
-            hidden_states = iv.read(hidden_states, QKV)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
-        if iv is not None:
-            hidden_states = iv.write(hidden_states)
+        hidden_states, residual = _attention(self, iv, positions, hidden_states, residual)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         if getattr(self, "ada_rms_norm_t_cond", None) is not None:  # Mistral's time-conditioned variant
             hidden_states = hidden_states * (1 + self.ada_rms_norm_t_cond(t_cond))
@@ -170,16 +178,7 @@ class CaptureGemma3DecoderLayer(Gemma3DecoderLayer):
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         iv = getattr(self, "alignlens_iv", None)
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        if iv is not None:
-            hidden_states = iv.read(hidden_states, QKV)
-        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states, **kwargs)
-        if iv is not None:
-            hidden_states = iv.write(hidden_states)
+        hidden_states, residual = _attention(self, iv, positions, hidden_states, residual, **kwargs)
         hidden_states = self.post_attention_layernorm(hidden_states)
         hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
         if iv is not None:
