@@ -84,14 +84,17 @@ def field_violations(err: grpc.RpcError) -> list[tuple[str, str]]:
     return out
 
 
-class GenerateStream:
-    """Iterate for pb2.Token messages; afterwards `finished` is the pb2.Finished message."""
+class _TokenStream:
+    """A server stream of token messages ending with one last message in field `_last`: iterate for
+    the pb2.Token messages; afterwards the last one is an attribute of that name."""
+
+    _last = ""
 
     def __init__(self, call):
         self._call = call
         self.request_id = ""
         self.tokens: list = []  # every Token received so far
-        self.finished = None
+        setattr(self, self._last, None)
 
     def __iter__(self) -> Iterator:
         for response in self._call:
@@ -100,7 +103,7 @@ class GenerateStream:
                 self.tokens.append(response.token)
                 yield response.token
             else:
-                self.finished = response.finished
+                setattr(self, self._last, getattr(response, self._last))
 
     def cancel(self) -> None:
         """Cancel the call; the server aborts the engine request."""
@@ -111,24 +114,16 @@ class GenerateStream:
         return "".join(t.text for t in self.tokens)
 
 
-class AuditStream:
+class GenerateStream(_TokenStream):
+    """Iterate for pb2.Token messages; afterwards `finished` is the pb2.Finished message."""
+
+    _last = "finished"
+
+
+class AuditStream(_TokenStream):
     """Iterate for pb2.Token messages; afterwards `summary` is the pb2.AuditSummary."""
 
-    def __init__(self, call):
-        self._call = call
-        self.tokens: list = []
-        self.summary = None
-
-    def __iter__(self) -> Iterator:
-        for response in self._call:
-            if response.HasField("token"):
-                self.tokens.append(response.token)
-                yield response.token
-            else:
-                self.summary = response.summary
-
-    def cancel(self) -> None:
-        self._call.cancel()
+    _last = "summary"
 
 
 def _audit_request(prompt, completion, detail, request_id, interventions, causal_indices) -> "pb2.AuditRequest":

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import TokenAttribution
+from alignlens.service.server.convert import family_shares, top_dla, top_pair
 
 FAMILY_COLOURS = {"qkv": "#4c78a8", "attn_out": "#f58518", "mlp_in": "#54a24b"}
 CELL_W, CELL_H = 22, 9
@@ -62,20 +63,12 @@ def _esc(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def _shares(attr: TokenAttribution) -> dict[str, float]:
-    from alignlens.service.server.convert import family_shares
-
-    return family_shares(attr)
-
-
 def _token_title(t: dict, a: TokenAttribution) -> str:
-    from alignlens.service.server.convert import top_dla, top_pair
-
     pair, dla = top_pair(a), top_dla(a)
     lines = [f"token {t['index']} id {t['token_id']} {t['text']!r}",
              f"logprob {t['logprob']:.3f}" if t.get("logprob") is not None else "logprob -",
              f"crystallization depth {a.crystallization_depth}",
-             "shares " + ", ".join(f"{f} {v:.2f}" for f, v in _shares(a).items())]
+             "shares " + ", ".join(f"{f} {v:.2f}" for f, v in family_shares(a).items())]
     if pair:
         lines.append(f"top (block, family): block {pair[0]} {pair[1]} {pair[2]:.3f} nats")
     if dla:
@@ -122,7 +115,7 @@ def _family_bars(section: Section) -> str:
         y = 14 + r * (CELL_H + 2)
         out.append(f'<text x="0" y="{y + CELL_H - 1}" class="label">{_esc(t["text"][:12])}</text>')
         x = 90.0
-        for f, v in _shares(a).items():
+        for f, v in family_shares(a).items():
             out.append(f'<rect x="{x:.1f}" y="{y}" width="{v * width:.1f}" height="{CELL_H}" '
                        f'fill="{FAMILY_COLOURS[f]}"><title>token {t["index"]} {f}: {v:.3f}</title></rect>')
             x += v * width
@@ -222,7 +215,7 @@ def render_png(section: Section, path: str, scale: int = 2) -> None:
         if c < n_depths:
             draw.rectangle([gap + c * cw, y, gap + (c + 1) * cw - 1, y + ch - 2], outline=(214, 39, 40), width=scale)
         x = gap * 2 + n_depths * cw
-        for f, v in _shares(a).items():
+        for f, v in family_shares(a).items():
             draw.rectangle([x, y, x + v * bar, y + ch - 2], fill=FAMILY_COLOURS[f])
             x += v * bar
     img.save(path)

@@ -132,10 +132,6 @@ def _to_dict(msg) -> dict:
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def _rpc_error(err) -> dict:
-    return {"code": err.code().name, "message": err.details()}
-
-
 def run_generate(args: argparse.Namespace) -> int:
     import grpc
 

@@ -39,9 +39,15 @@ class EngineConfig:
     seed: int = field(default=0, metadata={"help": "engine seed"})
 
 
+def runtime_dir() -> Path:
+    """Where IPC sockets go: ALIGNLENS_RUNTIME_DIR, else <alignlens home>/runtime (a server claims a
+    private folder under it, engine/runtime.py)."""
+    return Path(os.environ.get("ALIGNLENS_RUNTIME_DIR") or alignlens_home() / "runtime")
+
+
 def prepare_environment(config: EngineConfig) -> None:
     """Environment vLLM reads at start-up (must be set before the engine spawns)."""
-    runtime = Path(os.environ.get("ALIGNLENS_RUNTIME_DIR") or alignlens_home() / "runtime")
+    runtime = runtime_dir()
     runtime.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("ALIGNLENS_RUNTIME_DIR", str(runtime))
     os.environ.setdefault("VLLM_CACHE_ROOT", str(alignlens_home() / "vllm-cache"))

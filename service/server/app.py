@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from alignlens.probe.paths import alignlens_home
 from alignlens.probe.record import Detail
 from alignlens.service.engine import runtime
 from alignlens.service.engine.async_engine import CaptureEngine
-from alignlens.service.engine.config import EngineConfig
+from alignlens.service.engine.config import EngineConfig, runtime_dir
 from alignlens.service.engine.wire import CaptureOptions
 from alignlens.service.protos import MAX_MESSAGE_BYTES, load
 from alignlens.service.server import model_info as facts
@@ -123,8 +120,6 @@ class Server:
     def _security(self) -> tuple[grpc.ServerCredentials | None, list[security.Token]]:
         """TLS credentials and bearer tokens (security.SecurityConfigError names what is wrong)."""
         cfg = self.config
-        if cfg.tls_client_ca and not cfg.tls_cert:
-            raise security.SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
         return (security.server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
                 security.load_tokens(cfg.auth_token_file))
 
@@ -197,7 +192,7 @@ class Server:
         if not 0.0 <= self.config.verify_fraction <= 1.0:
             log.error("cannot start: --verify-fraction %s must be in [0, 1]", self.config.verify_fraction)
             return 2
-        private_dir = runtime.claim(Path(os.environ.get("ALIGNLENS_RUNTIME_DIR") or alignlens_home() / "runtime"))
+        private_dir = runtime.claim(runtime_dir())
         metrics = ServiceMetrics(host.n_layers, self.config.max_queue)
         metrics.serve_http(self.config.metrics_port, self.config.metrics_host)
         log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.config.metrics_port)

@@ -105,6 +105,8 @@ def server_credentials(cert: str, key: str, client_ca: str) -> grpc.ServerCreden
     """TLS credentials for the gRPC port (None: plaintext); mTLS when `client_ca` is given."""
     if not (cert or key or client_ca):
         return None
+    if client_ca and not cert:
+        raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
     if not (cert and key):
         raise SecurityConfigError("--tls-cert and --tls-key must be given together")
 

@@ -54,6 +54,16 @@ def _hook_sizes(vllm_config) -> tuple[int, int]:
     return vllm_config.model_config.get_hidden_size(), sched.max_num_batched_tokens + sched.max_num_seqs
 
 
+def _attach_hooks(blocks: list, out_projections, vllm_config) -> None:
+    """Give each block its intervention hooks and each attention output projection its per-head
+    buffer (model construction, before compilation; each off by its own switch)."""
+    d_model, max_rows = _hook_sizes(vllm_config)
+    if interventions.enabled():
+        interventions.attach_hooks(blocks, d_model, max_rows)
+    if heads.enabled():
+        heads.attach(out_projections, max_rows)
+
+
 def _attention(layer, iv, positions, hidden_states, residual, **kwargs):
     """A decoder layer's first half as vLLM writes it: the input norm (fused with the deferred add
     of the previous block's write), then attention, with the hooks on what q/k/v read and on what
@@ -110,10 +120,7 @@ class _AuxCaptureMixin:
         super().__init__(*args, **kwargs)
         self._enable_full_capture()
         layers = list(islice(self.layers, self.start_layer, self.end_layer))
-        if interventions.enabled():
-            interventions.attach_hooks(layers, *_hook_sizes(kwargs["vllm_config"]))
-        if heads.enabled():
-            heads.attach((layer.self_attn.o_proj for layer in layers), _hook_sizes(kwargs["vllm_config"])[1])
+        _attach_hooks(layers, [layer.self_attn.o_proj for layer in layers], kwargs["vllm_config"])
 
     def _enable_full_capture(self) -> None:
         _require_single_stage()
@@ -149,10 +156,7 @@ class CaptureGPT2Model(GPT2Model):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         blocks = list(islice(self.h, self.start_layer, self.end_layer))
-        if interventions.enabled():
-            interventions.attach_hooks(blocks, *_hook_sizes(vllm_config))
-        if heads.enabled():
-            heads.attach((block.attn.c_proj for block in blocks), _hook_sizes(vllm_config)[1])
+        _attach_hooks(blocks, [block.attn.c_proj for block in blocks], vllm_config)
 
     def forward(self, input_ids, position_ids, intermediate_tensors, inputs_embeds):
         _require_single_stage()
@@ -197,10 +201,7 @@ class CaptureGemma3Model(Gemma3Model):
         with _SwapInner(vllm_gemma3, "Gemma3DecoderLayer", CaptureGemma3DecoderLayer):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
         layers = list(islice(self.layers, self.start_layer, self.end_layer))
-        if interventions.enabled():
-            interventions.attach_hooks(layers, *_hook_sizes(vllm_config))
-        if heads.enabled():
-            heads.attach((layer.self_attn.o_proj for layer in layers), _hook_sizes(vllm_config)[1])
+        _attach_hooks(layers, [layer.self_attn.o_proj for layer in layers], vllm_config)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         _require_single_stage()
