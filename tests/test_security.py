@@ -93,10 +93,12 @@ def tls_server(tiny_llama, pki, tmp_path_factory):
     tokens = d / "tokens"
     tokens.write_text(f"# who may call\n{ALICE} limit=1 name=alice\n")
     env = {**os.environ, security.TOKENS_ENV: f"{BOB} name=bob"}  # tokens from the file and the variable
-    health_port = free_port()
+    health_port, http_port = free_port(), free_port()
     srv = _start(tiny_llama, d / "server.log", {"ca_file": pki["ca"]}, "--tls-cert", pki["server"], "--tls-key",
-                 pki["server.key"], "--auth-token-file", str(tokens), "--health-port", str(health_port), env=env)
+                 pki["server.key"], "--auth-token-file", str(tokens), "--health-port", str(health_port),
+                 "--http-port", str(http_port), env=env)
     srv.health_port = health_port
+    srv.http = f"https://127.0.0.1:{http_port}/v1"
     yield srv
     srv.stop()
 
@@ -105,8 +107,10 @@ def tls_server(tiny_llama, pki, tmp_path_factory):
 def mtls_server(tiny_llama, pki, tmp_path_factory):
     d = tmp_path_factory.mktemp("mtls-server")
     opts = {"ca_file": pki["ca"], "cert_file": pki["ca-client"], "key_file": pki["ca-client.key"]}
+    http_port = free_port()
     srv = _start(tiny_llama, d / "server.log", opts, "--tls-cert", pki["server"], "--tls-key", pki["server.key"],
-                 "--tls-client-ca", pki["ca"])
+                 "--tls-client-ca", pki["ca"], "--http-port", str(http_port))
+    srv.http = f"https://127.0.0.1:{http_port}/v1"
     yield srv
     srv.stop()
 
@@ -249,6 +253,47 @@ def test_per_token_concurrency_limit(tls_server, pki):
         assert _code(_info(alice)) == grpc.StatusCode.OK
 
 
+def test_http_api_takes_the_same_tls_tokens_and_limits(tls_server, pki):
+    """The OpenAI-compatible port is HTTPS with the gRPC port's certificate, takes the same bearer
+    tokens (401 with one fixed message otherwise) and counts a token's calls across both ports."""
+    import httpx
+    import openai
+
+    body = {"prompt": "Hello", "max_tokens": 2}
+    with httpx.Client(verify=pki["ca"], timeout=60) as http:
+        messages = set()
+        for token in (None, "not-a-valid-token-at-all", ALICE + "x"):
+            headers = {"authorization": f"Bearer {token}"} if token else {}
+            r = http.post(f"{tls_server.http}/completions", json=body, headers=headers)
+            assert r.status_code == 401, (token, r.text)
+            messages.add(r.json()["error"]["message"])
+        assert len(messages) == 1 and ALICE[:6] not in messages.pop()
+        assert http.get(f"{tls_server.http}/models").status_code == 401
+        with openai.OpenAI(base_url=tls_server.http, api_key=BOB, http_client=httpx.Client(verify=pki["ca"]),
+                           max_retries=0) as sdk:
+            model = sdk.models.list().data[0].id
+            assert sdk.completions.create(model=model, prompt="Hello", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(httpx.ConnectError):  # an untrusted certificate is refused
+            httpx.post(f"{tls_server.http}/completions", json=body, verify=pki["rogue-ca"], timeout=10)
+        with pytest.raises(httpx.HTTPError):  # plaintext HTTP is not served on the TLS port
+            httpx.post(tls_server.http.replace("https", "http") + "/completions", json=body, timeout=10)
+        # alice (limit=1) with a gRPC stream in flight is refused on the HTTP port too
+        with AttributionClient(tls_server.target, ca_file=pki["ca"], token=ALICE) as alice:
+            long = alice.generate("Count:", max_tokens=200, ignore_eos=True, detail="none", timeout_s=120)
+            tokens = iter(long)
+            next(tokens)
+            r = http.post(f"{tls_server.http}/completions", json=body, headers={"authorization": f"Bearer {ALICE}"})
+            assert r.status_code == 429 and "limit" in r.json()["error"]["message"]
+            long.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = http.post(f"{tls_server.http}/completions", json=body, headers={"authorization": f"Bearer {ALICE}"})
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200, r.text
+
+
 # --- mutual TLS -----------------------------------------------------------------------------------
 
 def test_mtls_requires_a_client_certificate_from_its_ca(mtls_server, pki):
@@ -264,6 +309,16 @@ def test_mtls_requires_a_client_certificate_from_its_ca(mtls_server, pki):
                            key_file=pki["ca-client.key"]) as good:
         assert good.model_info(timeout_s=10).n_layers > 0
         assert len(list(good.generate("Hello", max_tokens=3, detail="none", timeout_s=60))) == 3
+    import httpx  # the HTTP port requires the same client certificate
+
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{mtls_server.http}/models", verify=ca, timeout=10)
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(pki["ca-client"], pki["ca-client.key"])
+    r = httpx.get(f"{mtls_server.http}/models", verify=context, timeout=10)
+    assert r.status_code == 200 and r.json()["data"]
 
 
 def test_cli_speaks_tls_and_tokens(mtls_server, tls_server, pki, tmp_path):

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "alignlens.service.cli.probe",
     "alignlens.service.cli.serve",
     "alignlens.service.cli.client",
+    "alignlens.service.cli.harness",
 ]
 
 
@@ -37,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):  # `alignlens harness ...`: every argument is lm-eval's
+        args.lm_eval_args = unknown + args.lm_eval_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(args.func(args) or 0)

@@ -78,6 +78,9 @@ class ServeConfig:
                                                                "never from a flag)"})
     health_port: int = field(default=0, metadata={"help": "also serve grpc.health.v1 alone, in plaintext, on this port "
                                                           "(for Kubernetes probes when the main port needs TLS; 0 = off)"})
+    http_port: int = field(default=0, metadata={"help": "also serve the OpenAI-compatible HTTP API (/v1/models, "
+                                                        "/v1/completions, /v1/chat/completions) on this port, with the "
+                                                        "same engine, queue, tokens and TLS settings (0 = off)"})
     verify_fraction: float = field(default=0.0, metadata={"help": "fraction of live attributed tokens whose exact "
                                                                   "family_drop the engine computes in the background "
                                                                   "to measure faithfulness (0 = off; 0..1)"})
@@ -127,7 +130,8 @@ class Server:
         """The main server (and the plaintext health-only one with --health-port), started."""
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-        server = grpc.aio.server(options=options, interceptors=[security.Gate(tokens, self.state.metrics)])
+        self.gate = security.Gate(tokens, self.state.metrics)
+        server = grpc.aio.server(options=options, interceptors=[self.gate])
         pb2_grpc.add_AttributionServiceServicer_to_server(AttributionServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -150,6 +154,19 @@ class Server:
                  f"{len(tokens)} bearer tokens" if tokens else "no token required",
                  f"; health alone on {self.config.host}:{self.config.health_port}" if self.config.health_port else "")
         return servers
+
+    async def _start_http(self, host: facts.HostFacts):
+        """The OpenAI-compatible HTTP API (server/openai_api.py) on the same state, tokens and TLS."""
+        from alignlens.service.server.openai_api import HTTPServer, OpenAIFrontEnd, build_app
+
+        names = tuple(dict.fromkeys((host.name, self.engine_config.model, str(host.path))))
+        front = OpenAIFrontEnd(self.state, names, self.gate)
+        cfg = self.config
+        http = HTTPServer(build_app(front), cfg.host, cfg.http_port, cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        await http.start()
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (model id %r)", "https" if cfg.tls_cert else "http",
+                 cfg.host, cfg.http_port, front.model_id)
+        return http
 
     async def _watch_engine(self) -> None:
         """Phase 5: poll the engine's liveness (a dead engine never comes back) and its buffers.
@@ -203,8 +220,11 @@ class Server:
             self.state.verifier = Verifier(self.config.verify_fraction, self.state, host.n_layers)
         await self._set_health(False)
         servers = await self._start_grpc(credentials, tokens)
+        http = None
         watcher = None
         try:
+            if self.config.http_port:
+                http = await self._start_http(host)
             if not await self._start_engine(choice, host):
                 return 0 if self.stop_requested.is_set() else 1
             watcher = asyncio.create_task(self._watch_engine(), name="engine-watch")
@@ -224,6 +244,8 @@ class Server:
                 watcher.cancel()
             if self.state.verifier is not None:
                 self.state.verifier.stop()
+            if http is not None:
+                await http.stop()
             for server in servers:
                 await server.stop(1.0)
             if self.state.engine is not None:

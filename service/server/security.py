@@ -42,6 +42,10 @@ OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # answered without a token (see th
 UNAUTHENTICATED_MESSAGE = "missing or invalid credentials: send the metadata 'authorization: Bearer <token>'"
 
 
+def limit_message(token: Token) -> str:
+    return f"this token already has {token.limit} calls in flight (its limit); retry when one finishes"
+
+
 class SecurityConfigError(ValueError):
     """A TLS or token setting cannot be used; the message names the flag or file and line."""
 
@@ -166,6 +170,21 @@ class Gate(grpc.aio.ServerInterceptor):
                 found = token
         return found
 
+    def enter(self, token: Token | None) -> bool:
+        """Take one of the token's calls in flight; False when it is at its limit. No await between
+        the check and the increment, so a burst cannot pass the limit together."""
+        if token is None or token.limit is None:
+            return True
+        if self.in_flight[token.digest] >= token.limit:
+            return False
+        self.in_flight[token.digest] += 1
+        return True
+
+    def leave(self, token: Token | None) -> None:
+        """Give back what `enter` took."""
+        if token is not None and token.limit is not None:
+            self.in_flight[token.digest] -= 1
+
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
@@ -182,10 +201,10 @@ class Gate(grpc.aio.ServerInterceptor):
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str, token: Token | None) -> grpc.RpcMethodHandler:
         """`handler` with its request decoding checked and the token's calls in flight limited.
 
-        The limit is taken inside the call's own coroutine (check and increment with no await
-        between, so a burst cannot pass it together) and given back however the call ends.
+        The limit is taken inside the call's own coroutine (`enter`) and given back however the
+        call ends. The HTTP API takes the same limits, so a token's calls count across both ports.
         """
-        gate, limited = self, token is not None and token.limit is not None
+        gate = self
         deserialize = handler.request_deserializer
         owner = getattr(deserialize, "__self__", None)  # FromString is a classmethod of the message type
         message = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
@@ -202,17 +221,12 @@ class Gate(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"the request body is not a valid {message} (RPC {method}): "
                                     f"{type(request.error).__name__}: {request.error}")
-            if limited:
-                if gate.in_flight[token.digest] >= token.limit:
-                    gate._count(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        f"this token already has {token.limit} calls in flight (its limit); "
-                                        f"retry when one finishes")
-                gate.in_flight[token.digest] += 1
+            if not gate.enter(token):
+                gate._count(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, limit_message(token))
 
         def leave() -> None:
-            if limited:
-                gate.in_flight[token.digest] -= 1
+            gate.leave(token)
 
         streaming_in = handler.request_streaming  # reflection: grpc decodes its messages one by one
         inner = (handler.stream_stream or handler.stream_unary) if streaming_in else \
