@@ -2,7 +2,7 @@
 
 For one decision position p of a token sequence and each (block i, family f), project the top-k
 singular directions of W_{i,f} out of the vector the family reads at p (qkv: input_norm output;
-mlp_in: post-attention-norm output) or out of what it writes (attn_out: y - b -> the part of y - b
+mlp_in: the MLP's input-norm output) or out of what it writes (attn_out: y - b -> the part of y - b
 outside span U_k), rerun position p, and record
 
     drop[i, f] = log p_host(y | clean) - log p_host(y | ablated)        (nats; positive = support for y)
@@ -19,7 +19,14 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from alignlens.probe.replica import decoder_layers
+from alignlens.probe.replica import decoder_layers, sublayers
+
+
+def full_cache() -> DynamicCache:
+    """A cache that keeps every position's keys/values in every layer: built from a config,
+    transformers' cache keeps only the last window of a sliding-window layer (Gemma 3), and the
+    ablations index the prefix by position. The sliding-window masks still come from the config."""
+    return DynamicCache()
 
 
 class DecisionAblator:
@@ -47,9 +54,7 @@ class DecisionAblator:
     def _hooks(self) -> list:
         handles = []
         for i, layer in enumerate(self.layers):
-            in_norm = layer.input_layernorm if self.arch == "llama" else layer.ln_1
-            mid_norm = layer.post_attention_layernorm if self.arch == "llama" else layer.ln_2
-            attn = layer.self_attn if self.arch == "llama" else layer.attn
+            in_norm, mid_norm, attn = sublayers(layer, self.arch)
 
             def qkv(_m, _a, out, i=i):  # row 1 + 3i
                 return self._project_out(out, 1 + 3 * i, i, 0) if self._active else out
@@ -76,7 +81,7 @@ class DecisionAblator:
         """
         L = self.L
         B = 3 * L + 1  # row 0 clean, row 1 + 3i + j ablates (block i, family j)
-        prefix = self.model(input_ids=input_ids.view(1, -1), use_cache=True)
+        prefix = self.model(input_ids=input_ids.view(1, -1), past_key_values=full_cache(), use_cache=True)
         kv = [(layer.keys, layer.values) for layer in prefix.past_key_values.layers]
         base, drop = [], []
         handles = self._hooks()

@@ -28,6 +28,10 @@ transformers forward).
                       o_proj, captured in the forward: service/vllm_plugin/heads.py) head h's write
                       W_O[:, h] z_h read out: (W_O[:, h]^T v) . z_h. Over heads they sum to
                       dla_attn[l] minus the bias's v . b_o (before any attn_out intervention).
+Gemma's sandwich norm writes a_l = (1 + w_post) * s_l * y_l, y_l = W_O z the o_proj output and s_l
+= rsqrt(mean(y_l^2) + eps): with s_l frozen too the write stays linear in y, so the directions use
+y / rms(y) (Host.attn_writer) read out by (1 + w_post) * v (Host.attn_readout), and head h is
+s_l (W_O[:, h] z_h) . ((1 + w_post) * v); both still sum to v . a_l exactly.
 
 A direct effect only: what later blocks do with a write is not in it (METHOD.md section 7). Cost
 per token: (2L + 1) dot products of d plus the |C| rows of W_U averaged, ~0.06 M multiply-adds for
@@ -53,7 +57,7 @@ def logit_direction(host: Host, h_last: Tensor, token_ids: Tensor, cand_ids: Ten
     mean_row = torch.einsum("nc,ncd->nd", w, host.W_U[cand_ids]) / w.sum(1, keepdim=True)
     u = host.W_U[token_ids] - mean_row  # [N, d]
     eps = host.spec.norm_eps
-    if host.family == "llama":
+    if host.family != "gpt2":
         s = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         v = s * host.final_norm_weight * u
         bias = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
@@ -91,13 +95,19 @@ def attention_splits(host: Host, v: Tensor, attn: Tensor, attn_out_basis: Tensor
     attention writes attn [N, L, d]: dla_attn_out_directions (with attn_out_basis [L, k, d]) and
     dla_heads (with heads [N, L, H * head_dim])."""
     out = {}
+    readout = host.attn_readout(v)  # [N, L, d]: v as o_proj's output sees it (Gemma: (1 + w_post) * v)
     if attn_out_basis is not None:
-        comp = torch.einsum("lkd,nld->nlk", attn_out_basis, attn - host.attn_out_bias)
-        out["dla_attn_out_directions"] = comp * torch.einsum("lkd,nd->nlk", attn_out_basis, v)
+        comp = torch.einsum("lkd,nld->nlk", attn_out_basis, host.attn_writer(attn))
+        out["dla_attn_out_directions"] = comp * torch.einsum("lkd,nld->nlk", attn_out_basis, readout)
     if heads is not None:
         n, L = heads.shape[0], heads.shape[1]
-        w_v = torch.einsum("lde,nd->nle", host.attn_out_weights(v.device), v)  # W_O^T v per block
-        out["dla_heads"] = (w_v * heads.float()).view(n, L, host.spec.n_heads, -1).sum(-1)
+        w_o = host.attn_out_weights(v.device)
+        w_v = torch.einsum("lde,nld->nle", w_o, readout)  # W_O^T v per block
+        z = heads.float()
+        if host.attn_post_norm_weight is not None:  # Gemma: the post-norm's scale on y = W_O z, frozen
+            y = torch.einsum("lde,nle->nld", w_o, z)
+            z = z * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + host.spec.norm_eps)
+        out["dla_heads"] = (w_v * z).view(n, L, host.spec.n_heads, -1).sum(-1)
     return out
 
 

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from alignlens.probe.ablation import DecisionAblator
+from alignlens.probe.ablation import DecisionAblator, full_cache
 
 
 class FastAblator(DecisionAblator):
@@ -36,7 +36,20 @@ class FastAblator(DecisionAblator):
         super().__init__(model, basis, attn_out_bias)
         self.max_rows = max_rows
         cfg = model.config
-        if self.arch == "llama":
+        self.scale = [None] * self.L  # attention logit scale per block (None: 1/sqrt(head_dim))
+        self.window = [None] * self.L  # sliding-window length per block (None: full attention)
+        if self.arch == "gemma":
+            self.n_heads = cfg.num_attention_heads
+            self.n_kv = cfg.num_key_value_heads or self.n_heads
+            self.head_dim = cfg.head_dim
+            self.rotary = model.model.rotary_emb
+            self.final_norm = model.model.norm
+            self.layer_types = list(cfg.layer_types)
+            self.scale = [layer.self_attn.scaling for layer in self.layers]
+            self.window = [layer.self_attn.sliding_window for layer in self.layers]
+            if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "final_logit_softcapping", None):
+                raise NotImplementedError("logit soft-capping is not supported by FastAblator")
+        elif self.arch == "llama":
             if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
                 raise NotImplementedError("sliding-window attention is not supported by FastAblator")
             self.n_heads = cfg.num_attention_heads
@@ -61,14 +74,19 @@ class FastAblator(DecisionAblator):
         x[rows] = x[rows] - (v @ B.T) @ B
         return x
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, K: Tensor, V: Tensor, pos: Tensor) -> Tensor:
-        """q [R, H, hd], own k/v [R, Hkv, hd], prefix K/V [Hkv, S, hd], pos [R] -> [R, H*hd]."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, K: Tensor, V: Tensor, pos: Tensor, scale: float | None = None,
+                window: int | None = None) -> Tensor:
+        """q [R, H, hd], own k/v [R, Hkv, hd], prefix K/V [Hkv, S, hd], pos [R] -> [R, H*hd]; `window`:
+        a sliding window of that many positions (the row's own included), as transformers masks it."""
         R, H, hd = q.shape
         G = H // self.n_kv
         qg = q.view(R, self.n_kv, G, hd)
-        scale = 1.0 / math.sqrt(hd)
+        scale = 1.0 / math.sqrt(hd) if scale is None else scale
         s_prefix = torch.einsum("rkgd,ksd->rkgs", qg, K) * scale  # [R, Hkv, G, S]
-        keep = torch.arange(K.shape[1])[None, :] < pos[:, None]  # keys strictly before p
+        keys = torch.arange(K.shape[1])[None, :]
+        keep = keys < pos[:, None]  # keys strictly before p
+        if window is not None:
+            keep &= keys > pos[:, None] - window
         s_prefix = s_prefix.masked_fill(~keep[:, None, None, :], float("-inf"))
         s_self = torch.einsum("rkgd,rkd->rkg", qg, k)[..., None] * scale  # [R, Hkv, G, 1]
         w = torch.softmax(torch.cat([s_prefix, s_self], dim=-1), dim=-1)
@@ -90,6 +108,21 @@ class FastAblator(DecisionAblator):
                 taps.append(t)
             return t
 
+        if self.arch == "gemma":  # q/k norms, per-type rotary, sliding windows, sandwich norms
+            attn = layer.self_attn
+            x = tap(self._project_out(layer.input_layernorm(X), rows[0], j, 0))
+            q = attn.q_norm(attn.q_proj(x).view(R, self.n_heads, self.head_dim))
+            k = attn.k_norm(attn.k_proj(x).view(R, self.n_kv, self.head_dim))
+            v = attn.v_proj(x).view(R, self.n_kv, self.head_dim)
+            cos, sin = self.rotary(x[None], pos[None], self.layer_types[j])
+            cos, sin = cos[0][:, None], sin[0][:, None]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            out = self._attend(q, k, v, K, V, pos, self.scale[j], self.window[j])
+            y = tap(self._project_out(attn.o_proj(out), rows[1], j, 1, bias=self.bias[j]))
+            m = X + layer.post_attention_layernorm(y)
+            x2 = tap(self._project_out(layer.pre_feedforward_layernorm(m), rows[2], j, 2))
+            return m + layer.post_feedforward_layernorm(layer.mlp(x2))
         if self.arch == "llama":
             attn = layer.self_attn
             x = tap(self._project_out(layer.input_layernorm(X), rows[0], j, 0))
@@ -117,7 +150,8 @@ class FastAblator(DecisionAblator):
     def drops(self, input_ids: Tensor, positions: Tensor, token_ids: Tensor) -> tuple[Tensor, Tensor]:
         """Same contract as DecisionAblator.drops: (clean log p(y) [n], drop [n, L, 3]) in nats."""
         L = self.L
-        out = self.model(input_ids=input_ids.view(1, -1), use_cache=True, output_hidden_states=True)
+        out = self.model(input_ids=input_ids.view(1, -1), past_key_values=full_cache(), use_cache=True,
+                             output_hidden_states=True)
         hidden = [h[0] for h in out.hidden_states]  # L+1 x [S, d]; the last one is after the final norm
         kv = [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers]
         base = torch.log_softmax(out.logits[0, positions].float(), -1).gather(1, token_ids[:, None]).squeeze(1)
@@ -139,7 +173,8 @@ class FastAblator(DecisionAblator):
         """
         L = self.L
         with torch.no_grad():
-            out = self.model(input_ids=input_ids.view(1, -1), use_cache=True, output_hidden_states=True)
+            out = self.model(input_ids=input_ids.view(1, -1), past_key_values=full_cache(), use_cache=True,
+                             output_hidden_states=True)
         kv = [(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers]
         n = positions.shape[0]
         with torch.enable_grad():

@@ -4,6 +4,7 @@ For decision positions n, blocks i = 0..L-1 (METHOD's l = i+1) and the captured
 resid [N, L+1, d] (h_0..h_L) and resid_mid [N, L, d] (m_1..m_L):
     x_qkv[n, i]      = input_norm_i(h_i)                 what q/k/v read
     y_attn_out[n, i] = m_{i+1} - h_i - b_o,i             what the attention output projection wrote
+                       (Gemma: (m_{i+1} - h_i) / (1 + w_post), o_proj's output over its RMS; Host.attn_writer)
     x_mlp_in[n, i]   = post_attn_norm_i(m_{i+1})         what gate/up (c_fc) read
     alpha[n, i, f]   = proj[i, f] @ vector[n, i, f]      [k]   (proj from alignlens.probe.svd)
 
@@ -28,7 +29,7 @@ def family_vectors(host: Host, resid: Tensor, resid_mid: Tensor) -> Tensor:
     h_in = resid[..., :L, :].float()
     m = resid_mid.float()
     x_qkv = host.input_norm(None, h_in)
-    y_attn = m - h_in - host.attn_out_bias
+    y_attn = host.attn_writer(m - h_in)
     x_mlp = host.post_attn_norm(None, m)
     return torch.stack([x_qkv, y_attn, x_mlp], dim=-2)
 

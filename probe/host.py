@@ -18,7 +18,11 @@ Block indices `i` are 0-based in code: block i is METHOD.md's layer l = i + 1, r
 Passing i=None applies every block's norm to a stacked input h [..., L, d] (slot i gets norm i).
 
 Architecture families: "llama" (Llama, Mistral, Qwen2, Qwen3, SmolLM2; RMSNorm; tied or untied
-embeddings; q/k/v and gate/up stored separately or fused) and "gpt2" (LayerNorm; Conv1D weights
+embeddings; q/k/v and gate/up stored separately or fused), "gemma" (Gemma 3 text models: RMSNorm
+scaling by (1 + w), stored here as the effective weight 1 + w so the RMSNorm code is Llama's;
+"sandwich" sublayers whose outputs are RMS-normed before they are added, METHOD.md section 3: the
+MLP reads pre_feedforward_layernorm, and the attention write a_l = m_l - h_{l-1} is
+post_attention_layernorm(o_proj output), see `attn_writer`) and "gpt2" (LayerNorm; Conv1D weights
 stored [in, out], i.e. transposed relative to nn.Linear).
 """
 
@@ -36,6 +40,7 @@ from alignlens.probe.names import FAMILIES
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2")
 GPT2_TYPES = ("gpt2",)
+GEMMA_TYPES = ("gemma3_text",)
 
 
 class UnsupportedHost(ValueError):
@@ -46,7 +51,7 @@ class UnsupportedHost(ValueError):
 class HostSpec:
     """Architecture numbers read from config.json; also hashed into the fingerprint."""
 
-    family: str  # "llama" or "gpt2"
+    family: str  # "llama", "gemma" or "gpt2"
     model_type: str  # config model_type, e.g. "llama", "qwen2", "gpt2"
     n_layers: int  # L, number of blocks
     d_model: int  # residual stream width
@@ -68,23 +73,25 @@ def _rope_theta(cfg: dict) -> float:
     if "rope_theta" in cfg:
         return float(cfg["rope_theta"])
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    params = params.get("full_attention", params)  # Gemma 3: one entry per attention type
     return float(params.get("rope_theta", 10000.0))
 
 
 def spec_from_config(cfg: dict) -> HostSpec:
     """Read a HostSpec from a transformers config dict (config.json contents)."""
     model_type = str(cfg.get("model_type", "")).lower()
-    if model_type in LLAMA_TYPES:
+    if model_type in LLAMA_TYPES or model_type in GEMMA_TYPES:
         d = int(cfg["hidden_size"])
         n_heads = int(cfg["num_attention_heads"])
         return HostSpec(
-            family="llama", model_type=model_type, n_layers=int(cfg["num_hidden_layers"]), d_model=d,
+            family="gemma" if model_type in GEMMA_TYPES else "llama", model_type=model_type, n_layers=int(cfg["num_hidden_layers"]), d_model=d,
             vocab_size=int(cfg["vocab_size"]), n_heads=n_heads,
             n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             head_dim=int(cfg.get("head_dim") or d // n_heads), d_ff=int(cfg["intermediate_size"]),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            rope_theta=_rope_theta(cfg), hidden_act=str(cfg.get("hidden_act", "silu")))
+            rope_theta=_rope_theta(cfg),
+            hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"))
     if model_type in GPT2_TYPES:
         d = int(cfg["n_embd"])
         n_heads = int(cfg["n_head"])
@@ -96,7 +103,7 @@ def spec_from_config(cfg: dict) -> HostSpec:
             tied_embeddings=bool(cfg.get("tie_word_embeddings", True)), rope_theta=0.0,
             hidden_act=str(cfg.get("activation_function", "gelu_new")))
     raise UnsupportedHost(f"model_type {model_type!r} is not supported (supported: "
-                          f"{', '.join(LLAMA_TYPES + GPT2_TYPES)})")
+                          f"{', '.join(LLAMA_TYPES + GEMMA_TYPES + GPT2_TYPES)})")
 
 
 def _canonical_tensors(spec: HostSpec, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -128,13 +135,20 @@ class Host:
         self.n_layers, self.d_model, self.vocab_size = s.n_layers, s.d_model, s.vocab_size
         f32 = lambda name: self.tensors[name].float()  # noqa: E731
         L = s.n_layers
-        if s.family == "llama":
+        self.attn_post_norm_weight = None  # Gemma: the (1 + w) of the norm on the attention's output
+        if s.family in ("llama", "gemma"):
             blk = "model.layers.{}."
-            self.input_norm_weight = torch.stack([f32(blk.format(i) + "input_layernorm.weight") for i in range(L)])
-            self.post_attn_norm_weight = torch.stack(
-                [f32(blk.format(i) + "post_attention_layernorm.weight") for i in range(L)])
+            # Gemma's RMSNorm scales by (1 + w): kept as that effective weight
+            one = 1.0 if s.family == "gemma" else 0.0
+            mlp_norm = "pre_feedforward_layernorm" if s.family == "gemma" else "post_attention_layernorm"
+            self.input_norm_weight = torch.stack(
+                [one + f32(blk.format(i) + "input_layernorm.weight") for i in range(L)])
+            self.post_attn_norm_weight = torch.stack([one + f32(blk.format(i) + f"{mlp_norm}.weight") for i in range(L)])
+            if s.family == "gemma":
+                self.attn_post_norm_weight = torch.stack(
+                    [one + f32(blk.format(i) + "post_attention_layernorm.weight") for i in range(L)])
             self.input_norm_bias = self.post_attn_norm_bias = None
-            self.final_norm_weight, self.final_norm_bias = f32("model.norm.weight"), None
+            self.final_norm_weight, self.final_norm_bias = one + f32("model.norm.weight"), None
             emb = "model.embed_tokens.weight"
             bias_name = blk + "self_attn.o_proj.bias"
         else:
@@ -177,7 +191,7 @@ class Host:
     def to(self, device: torch.device | str) -> "Host":
         """Move the tensors the probe uses at serving time (norms, W_U, biases) to `device`."""
         for name in ("input_norm_weight", "input_norm_bias", "post_attn_norm_weight", "post_attn_norm_bias",
-                     "final_norm_weight", "final_norm_bias", "W_U", "attn_out_bias"):
+                     "final_norm_weight", "final_norm_bias", "W_U", "attn_out_bias", "attn_post_norm_weight"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
@@ -186,7 +200,7 @@ class Host:
     # ---- norms --------------------------------------------------------------------------------
     def _norm(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         x = x.float()
-        if self.family == "llama":  # RMSNorm, computed in float32 as transformers does
+        if self.family != "gpt2":  # RMSNorm, computed in float32 as transformers does
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps) * w
         mu = x.mean(-1, keepdim=True)
         var = (x - mu).pow(2).mean(-1, keepdim=True)
@@ -204,6 +218,22 @@ class Host:
         b = None if self.post_attn_norm_bias is None else self.post_attn_norm_bias[sel]
         return self._norm(m, self.post_attn_norm_weight[sel], b)
 
+    def attn_writer(self, write: Tensor) -> Tensor:
+        """What the attention output projection wrote, from the attention sublayer's write
+        a = m_l - h_{l-1} [..., L, d] (block i in slot i): a - b_o for Llama and GPT-2. Gemma norms
+        o_proj's output y before adding it, a = (1 + w) * y / rms(y), so this is y / rms(y): y's
+        direction (where W_O's singular directions live), its scale taken by the norm."""
+        if self.attn_post_norm_weight is None:
+            return write.float() - self.attn_out_bias
+        return write.float() / self.attn_post_norm_weight
+
+    def attn_readout(self, v: Tensor) -> Tensor:
+        """The readout direction v [N, d] of the residual stream as seen by `attn_writer`'s vectors,
+        per block [N, L, d]: v . a_l == attn_readout(v)[:, l] . attn_writer(a)_l (+ v . b_o)."""
+        if self.attn_post_norm_weight is None:
+            return v[:, None, :].expand(-1, self.n_layers, -1)
+        return v[:, None, :] * self.attn_post_norm_weight
+
     def final_norm(self, h: Tensor) -> Tensor:
         """Final norm on h [..., d] -> [..., d] float32."""
         return self._norm(h, self.final_norm_weight, self.final_norm_bias)
@@ -213,7 +243,7 @@ class Host:
         h, u = h.float(), u.float()
         v = u * self.final_norm_weight
         d = h.shape[-1]
-        if self.family == "llama":
+        if self.family != "gpt2":
             s = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.spec.norm_eps)
             return s * v - (s ** 3 / d) * h * (v * h).sum(-1, keepdim=True)
         mu = h.mean(-1, keepdim=True)
@@ -265,6 +295,10 @@ class Host:
             return {"qkv": "transformer.h.{i}.attn.c_attn.weight^T",
                     "attn_out": "transformer.h.{i}.attn.c_proj.weight^T (bias removed from the writer vector)",
                     "mlp_in": "transformer.h.{i}.mlp.c_fc.weight^T"}
+        if self.family == "gemma":
+            return {"qkv": "model.layers.{i}.self_attn.[q;k;v]_proj.weight (reading input_layernorm)",
+                    "attn_out": "model.layers.{i}.self_attn.o_proj.weight (its output before post_attention_layernorm)",
+                    "mlp_in": "model.layers.{i}.mlp.[gate;up]_proj.weight (reading pre_feedforward_layernorm)"}
         return {"qkv": "model.layers.{i}.self_attn.[q;k;v]_proj.weight (or qkv_proj)",
                 "attn_out": "model.layers.{i}.self_attn.o_proj.weight",
                 "mlp_in": "model.layers.{i}.mlp.[gate;up]_proj.weight (or gate_up_proj)"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from alignlens.probe.replica import decoder_layers
+from alignlens.probe.replica import decoder_layers, sublayers
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,7 @@ def intervened(model: nn.Module, specs: Sequence[Spec], basis: Tensor, attn_out_
     handles = []
     for i, layer in enumerate(layers):
         by_family = {f: [s for s in specs if s.block == i + 1 and s.family == f] for f in range(3)}
-        in_norm = layer.input_layernorm if arch == "llama" else layer.ln_1
-        mid_norm = layer.post_attention_layernorm if arch == "llama" else layer.ln_2
-        attn = layer.self_attn if arch == "llama" else layer.attn
+        in_norm, mid_norm, attn = sublayers(layer, arch)
         if by_family[0]:
             handles.append(in_norm.register_forward_hook(
                 lambda _m, _a, out, sp=by_family[0], i=i: _apply(out, sp, basis[i, 0])))

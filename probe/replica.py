@@ -13,22 +13,26 @@ from torch import nn
 
 
 def decoder_layers(model: nn.Module) -> tuple[list[nn.Module], str]:
-    """The block list of a transformers causal LM and its architecture family ("llama" or "gpt2")."""
+    """The block list of a transformers causal LM and its architecture family ("llama", "gemma" or
+    "gpt2", as probe.host names them)."""
     base = getattr(model, "model", None) or getattr(model, "transformer", None) or model
-    if hasattr(base, "layers"):  # Llama, Mistral, Qwen2, Qwen3, SmolLM2, Gemma 3
-        return list(base.layers), "llama"
+    if hasattr(base, "layers"):  # Llama, Mistral, Qwen2, Qwen3, SmolLM2; Gemma 3 (sandwich norms)
+        layers = list(base.layers)
+        return layers, "gemma" if hasattr(layers[0], "pre_feedforward_layernorm") else "llama"
     if hasattr(base, "h"):  # GPT-2
         return list(base.h), "gpt2"
     raise ValueError(f"unsupported architecture {type(model).__name__}: no decoder layer list found")
 
 
-def _mid_module(layer: nn.Module, arch: str) -> nn.Module:
-    # The module whose *input* is m_l: the post-attention norm (Llama) / ln_2 (GPT-2); in Gemma's
-    # sandwich layout post_attention_layernorm norms the attention's output before the add, and
-    # m_l is the input of pre_feedforward_layernorm.
+def sublayers(layer: nn.Module, arch: str) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(qkv's input norm, mlp_in's input norm, attention module) of one block: the modules whose
+    outputs are the vectors qkv and mlp_in read and attn_out writes (the attention module's first
+    output is o_proj's, before Gemma's post_attention_layernorm). The module whose *input* is m_l
+    is the second."""
     if arch == "gpt2":
-        return layer.ln_2
-    return getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+        return layer.ln_1, layer.ln_2, layer.attn
+    mid = layer.pre_feedforward_layernorm if arch == "gemma" else layer.post_attention_layernorm
+    return layer.input_layernorm, mid, layer.self_attn
 
 
 @torch.no_grad()
@@ -61,7 +65,7 @@ def capture_replica(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Te
     handles.append(layers[0].register_forward_pre_hook(first_in, with_kwargs=True))
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_hook(block_out(i)))
-        handles.append(_mid_module(layer, arch).register_forward_pre_hook(mid_in(i)))
+        handles.append(sublayers(layer, arch)[1].register_forward_pre_hook(mid_in(i)))
     try:
         model(input_ids=input_ids.view(1, -1), use_cache=False)
     finally:

@@ -11,7 +11,13 @@ from alignlens.probe.host import Host
 from alignlens.probe.model import candidate_set
 from alignlens.probe.replica import decoder_layers
 from alignlens.probe.svd import load_or_compute
-from tests.support.tiny import tiny_gpt2, tiny_llama
+from tests.support.tiny import tiny_gpt2, tiny_llama, tiny_model
+
+
+def _tiny(arch: str, seed: int, layers: int):
+    if arch == "gemma":
+        return tiny_model("gemma3", seed=seed, layers=layers)
+    return tiny_llama(seed=seed, layers=layers) if arch == "llama" else tiny_gpt2(seed=seed, layers=layers)
 
 
 def _sublayer_writes(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -22,8 +28,12 @@ def _sublayer_writes(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor,
     attn, mlp = {}, {}
     hooks = []
     for i, layer in enumerate(layers):
-        a_mod, m_mod = (layer.self_attn, layer.mlp) if arch == "llama" else (layer.attn, layer.mlp)
-        hooks.append(a_mod.register_forward_hook(lambda _m, _a, out, i=i: attn.__setitem__(i, out[0][0].detach())))
+        if arch == "gemma":  # sandwich norms: what is added is the post-norms' output
+            a_mod, m_mod = layer.post_attention_layernorm, layer.post_feedforward_layernorm
+        else:
+            a_mod, m_mod = (layer.self_attn, layer.mlp) if arch == "llama" else (layer.attn, layer.mlp)
+        hooks.append(a_mod.register_forward_hook(
+            lambda _m, _a, out, i=i: attn.__setitem__(i, (out[0] if isinstance(out, tuple) else out)[0].detach())))
         hooks.append(m_mod.register_forward_hook(lambda _m, _a, out, i=i: mlp.__setitem__(i, out[0].detach())))
     try:
         with torch.no_grad():
@@ -35,10 +45,10 @@ def _sublayer_writes(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor,
     return torch.stack([attn[i] for i in range(L)], 1), torch.stack([mlp[i] for i in range(L)], 1), logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
 def test_dla_splits_the_logit_exactly_and_matches_the_sublayer_writes(arch, tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNLENS_HOME", str(tmp_path))
-    model = tiny_llama(seed=1, layers=3) if arch == "llama" else tiny_gpt2(seed=1, layers=3)
+    model = _tiny(arch, 1, 3)
     host = Host.from_model(model)
     prompt, completion = [5, 6, 7, 8], [9, 10, 11, 12, 13, 14]
     cap = capture(model, prompt, completion)
@@ -60,7 +70,7 @@ def test_dla_splits_the_logit_exactly_and_matches_the_sublayer_writes(arch, tmp_
     # each block's term is the frozen-scale readout of what that sublayer's module returned
     h_L = cap["resid"][:, -1]
     u = host.W_U[y] - torch.stack([host.W_U[ids[t][valid[t]]].mean(0) for t in range(len(y))])
-    if arch == "llama":
+    if arch != "gpt2":  # RMSNorm (Gemma's (1 + w) is the Host's effective weight)
         v = torch.rsqrt(h_L.pow(2).mean(-1, keepdim=True) + host.spec.norm_eps) * host.final_norm_weight * u
     else:
         s = torch.rsqrt(h_L.var(-1, unbiased=False, keepdim=True) + host.spec.norm_eps)
@@ -81,15 +91,15 @@ def test_dla_splits_the_logit_exactly_and_matches_the_sublayer_writes(arch, tmp_
     torch.testing.assert_close(every["dla_attn_out_directions"][..., :4], dirs, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma"])
 def test_dla_heads_are_each_heads_write_read_out(arch, tmp_path, monkeypatch):
     """dla_heads from the o_proj input (what the engine captures) = each head's write, obtained by
     running the model's own output projection on that head alone, read out through v."""
     monkeypatch.setenv("ALIGNLENS_HOME", str(tmp_path))
-    model = tiny_llama(seed=2, layers=2) if arch == "llama" else tiny_gpt2(seed=2, layers=2)
+    model = _tiny(arch, 2, 2)
     host = Host.from_model(model)
     layers, _ = decoder_layers(model)
-    projs = [layer.self_attn.o_proj if arch == "llama" else layer.attn.c_proj for layer in layers]
+    projs = [layer.attn.c_proj if arch == "gpt2" else layer.self_attn.o_proj for layer in layers]
     z = {}
     hooks = [p.register_forward_pre_hook(lambda _m, args, i=i: z.__setitem__(i, args[0][0].detach()))
              for i, p in enumerate(projs)]
@@ -116,6 +126,11 @@ def test_dla_heads_are_each_heads_write_read_out(arch, tmp_path, monkeypatch):
             with torch.no_grad():
                 out = proj(alone)
             write = (out[0] if isinstance(out, tuple) else out) - bias  # head h's write, bias removed
+            if arch == "gemma":  # through the post-norm with its scale on the whole write frozen
+                with torch.no_grad():
+                    y = proj(heads[:, i])
+                norm = layers[i].post_attention_layernorm
+                write = write * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight)
             torch.testing.assert_close(dla["dla_heads"][:, i, h], (write * v).sum(-1), rtol=1e-4, atol=1e-5)
         # over heads: the attention write's term minus the bias's
         torch.testing.assert_close(dla["dla_heads"][:, i].sum(-1) + (bias * v).sum(-1), dla["dla_attn"][:, i],

@@ -18,11 +18,12 @@ def _record_module_io(model, arch: str, ids: torch.Tensor):
     """Inputs of q/c_attn, gate/c_fc and input/output of o_proj/attn.c_proj, per block: [T, *]."""
     rec: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    blocks = model.model.layers if arch == "llama" else model.transformer.h
+    llama_shaped = arch in ("llama", "gemma")
+    blocks = model.model.layers if llama_shaped else model.transformer.h
     for i, b in enumerate(blocks):
-        reader_qkv = b.self_attn.q_proj if arch == "llama" else b.attn.c_attn
-        writer = b.self_attn.o_proj if arch == "llama" else b.attn.c_proj
-        reader_mlp = b.mlp.gate_proj if arch == "llama" else b.mlp.c_fc
+        reader_qkv = b.self_attn.q_proj if llama_shaped else b.attn.c_attn
+        writer = b.self_attn.o_proj if llama_shaped else b.attn.c_proj
+        reader_mlp = b.mlp.gate_proj if llama_shaped else b.mlp.c_fc
 
         def pre(key):
             return lambda _m, args: rec.__setitem__(key, args[0][0].detach().clone())
@@ -46,7 +47,9 @@ def _record_module_io(model, arch: str, ids: torch.Tensor):
                                        (tiny_gpt2, "gpt2"),
                                        # Llama-shaped families probe/ reads the same way
                                        (lambda: tiny_model("qwen2"), "llama"), (lambda: tiny_model("qwen3"), "llama"),
-                                       (lambda: tiny_model("mistral"), "llama")])
+                                       (lambda: tiny_model("mistral"), "llama"),
+                                       # sandwich norms: attn_out's vector is o_proj's output over its RMS
+                                       (lambda: tiny_model("gemma3"), "gemma")])
 def test_features_match_naive_hooks(make, arch):
     model = make()
     host = Host.from_model(model)
@@ -62,11 +65,13 @@ def test_features_match_naive_hooks(make, arch):
         x = rec[(i, "qkv")]
         naive_qkv = x @ fac.proj[i, 0].T  # sigma * V^T x with x the real input of q/k/v
         writer_out = rec[(i, "attn_out")] - host.attn_out_bias[i]  # o_proj(z) without its bias
-        naive_attn = writer_out @ fac.basis[i, 1].T  # U^T y
+        # Gemma norms o_proj's output before adding it: its feature is of y / rms(y)
+        rms = (writer_out.pow(2).mean(-1, keepdim=True) + host.spec.norm_eps).sqrt() if arch == "gemma" else 1.0
+        naive_attn = writer_out @ fac.basis[i, 1].T / rms  # U^T y
         W_o = host.family_matrix(i, "attn_out").double()
         U = fac.basis[i, 1].double()
         v_scaled = (W_o.T @ U.T).T  # rows sigma_i v_i^T
-        via_z = (rec[(i, "z")].double() @ v_scaled.T).float()  # sigma * V^T z: the preprint's formula
+        via_z = (rec[(i, "z")].double() @ v_scaled.T).float() / rms  # sigma * V^T z: the preprint's formula
         naive_mlp = rec[(i, "mlp_in")] @ fac.proj[i, 2].T
         scale = alpha[:, i].abs().max()
         for got, want in [(alpha[:, i, 0], naive_qkv), (alpha[:, i, 1], naive_attn),

@@ -3,7 +3,8 @@
 The same OpenAI client (the `openai` SDK, one thread per stream, streaming completions, ignore_eos
 so every stream makes exactly --max-tokens tokens, temperature 0) against:
   - `vllm`       stock vLLM's own OpenAI server, `python -m vllm.entrypoints.openai.api_server`
-                 with its default settings and the same dtype (what a user would start instead);
+                 with its default settings, the same dtype and alignlens's KV cache size (vLLM's
+                 CPU default takes 22 of this machine's 24 GiB: the two could not both run);
   - `http-off`   alignlens's HTTP API (`alignlens serve --http-port`, its default settings), no
                  attribution (the request runs as stock vLLM inside alignlens);
   - `http-on`    the same with `"alignlens": {"detail": "summary"}`;
@@ -82,14 +83,18 @@ def run_http_streams(base_url: str, model: str, n: int, max_tokens: int, prompts
 class StockVLLM:
     """`python -m vllm.entrypoints.openai.api_server` with its defaults (dtype aside) on loopback."""
 
-    def __init__(self, model_path: Path, dtype: str, log_path: Path):
+    def __init__(self, model_path: Path, dtype: str, log_path: Path, kv_cache_gib: int):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.log = log_path.open("w")
+        # The one setting that is not vLLM's default: on CPU vLLM's default KV cache takes most of the
+        # machine's memory (22 GiB of 24 here, measured), so the two servers could not both be
+        # resident; it gets alignlens's (EngineConfig.kv_cache_gib).
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
         self.proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                       str(model_path), "--dtype", dtype, "--host", "127.0.0.1", "--port",
                                       str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=env)
 
     def wait_ready(self, timeout_s: float = 900) -> float:
         t0 = time.perf_counter()
@@ -126,7 +131,9 @@ def bench(model: str, streams: list[int], grpc_streams: list[int], max_tokens: i
 
     model_path = resolve_model(model)
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    stock = StockVLLM(model_path, dtype, tmp / f"alignlens-bench-vllm-{os.getpid()}.log")
+    from alignlens.service.engine.config import EngineConfig
+
+    stock = StockVLLM(model_path, dtype, tmp / f"alignlens-bench-vllm-{os.getpid()}.log", EngineConfig.kv_cache_gib)
     http_port = free_port()
     ours = ServeProcess(["--model", str(model_path), "--dtype", dtype, "--http-port", str(http_port)],
                         tmp / f"alignlens-bench-http-{os.getpid()}.log")
