@@ -225,7 +225,11 @@ class Host:
         direction (where W_O's singular directions live), its scale taken by the norm."""
         if self.attn_post_norm_weight is None:
             return write.float() - self.attn_out_bias
-        return write.float() / self.attn_post_norm_weight
+        w = self.attn_post_norm_weight
+        # a dimension whose 1 + w is 0 never reaches the stream (Gemma 3 270M: one of 640 in blocks 1
+        # and 4): its part of y cannot be read back, and is 0 here
+        erased = w == 0
+        return torch.where(erased, 0.0, write.float() / torch.where(erased, 1.0, w))
 
     def attn_readout(self, v: Tensor) -> Tensor:
         """The readout direction v [N, d] of the residual stream as seen by `attn_writer`'s vectors,

@@ -145,10 +145,13 @@ def encode_prompt(tokenizer, prompt: str | list, chat: bool = False) -> list[int
 
     A list of ints passes through; a list of {"role", "content"} turns, or a string with `chat`,
     goes through the host's chat template (a string becomes one user turn) with the generation
-    prompt added; any other string is raw text with the tokenizer's special tokens.
+    prompt added; any other string (and a chat string for a host without a chat template) is raw
+    text with the tokenizer's special tokens.
     """
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         return list(prompt)
+    if chat and isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+        chat = False  # a pretrained host without a chat template (Gemma 3 270M): the row as raw text
     if chat or isinstance(prompt, list):
         turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True,
