@@ -18,7 +18,7 @@ def load_replica(path) -> torch.nn.Module:
 
 def final_head(model):
     _layers, arch = decoder_layers(model)
-    norm = model.model.norm if arch == "llama" else model.transformer.ln_f
+    norm = model.transformer.ln_f if arch == "gpt2" else model.model.norm
     return lambda h: model.lm_head(norm(h))
 
 
