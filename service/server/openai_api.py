@@ -192,10 +192,9 @@ def _sampling(req, n_prompt: int, max_tokens: int | None, max_name: str, limits:
         if not 1 <= len(s) <= validation.MAX_STOP_CHARS:
             raise HTTPError(400, f"stop[{i}] has {len(s)} characters; must be 1..{validation.MAX_STOP_CHARS}",
                             "stop")
-    for name in ("prompt_logprobs",):
-        value = getattr(req, name, None)
-        if value is not None and not 0 <= value <= MAX_LOGPROBS:
-            raise HTTPError(400, f"{name} = {value} must be in 0..{MAX_LOGPROBS}", name)
+    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+        raise HTTPError(400, f"prompt_logprobs = {req.prompt_logprobs} must be in 0..{MAX_LOGPROBS}",
+                        "prompt_logprobs")
     try:
         params = req.to_sampling_params(max_tokens if max_tokens > 0 else 1, {})
     except (VLLMValidationError, ValueError) as exc:

@@ -94,11 +94,15 @@ def run(args: argparse.Namespace) -> int:
             report["service"]["verify"] = row
         report["service"]["none_over_engine_stock"] = {
             n: service_over_engine(report, n, "stock", "none_tokens_per_second") for n in report["service"]["streams"]}
-    table = markdown_table(report)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
+    return emit(markdown_table(report), report, args.out, args.json)
+
+
+def emit(table: str, report: dict, out: str | None, as_json: bool) -> int:
+    """Print a bench's Markdown table (and write it to `out`), then its JSON report as the last line."""
+    if out:
+        Path(out).write_text(table + "\n")
     print(table)
-    if args.json:
+    if as_json:
         print(json.dumps(report))
     return 0
 

@@ -217,13 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     report = bench(args.model, [int(x) for x in args.streams.split(",")],
                    [int(x) for x in args.grpc_streams.split(",") if x], args.max_tokens, args.repetitions, args.dtype)
-    table = markdown(report)
-    if args.out:
-        Path(args.out).write_text(table + "\n")
-    print(table)
-    if args.json:
-        print(json.dumps(report))
-    return 0
+    from tools.bench.__main__ import emit
+
+    return emit(markdown(report), report, args.out, args.json)
 
 
 if __name__ == "__main__":
