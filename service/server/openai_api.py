@@ -28,7 +28,6 @@ evaluation harnesses (the `openai` package, lm-evaluation-harness's `local-compl
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -41,11 +40,11 @@ import grpc
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from alignlens.probe.prompts import encode_prompt
-from alignlens.probe.record import Detail
+from alignlens.probe.record import Detail, TokenAttribution
 from alignlens.service.server import errors, security, validation
 from alignlens.service.server.errors import InvalidArgument
 from alignlens.service.server.servicer import ServerState, _options
@@ -125,7 +124,7 @@ class TokenOut:
     text: str  # the token's own text (logprobs `tokens`)
     logprob: float | None
     top: dict[int, tuple[str, float]] | None = None  # token id -> (text, logprob)
-    attribution: dict | None = None
+    attribution: TokenAttribution | None = None
 
 
 @dataclass
@@ -343,7 +342,7 @@ class OpenAIFrontEnd:
                         entry = completion.logprobs[t.index] if completion.logprobs else None
                         token = self._token(t.token_id, entry, job.top, as_ids)
                         if t.attr is not None:
-                            token.attribution = msgspec.to_builtins(t.attr)
+                            token.attribution = t.attr  # a Struct: msgspec encodes it as the record layout
                             m.observe_attribution(t.attr)
                         piece.tokens.append(token)
                         m.generation_tokens.inc()
@@ -361,21 +360,21 @@ class OpenAIFrontEnd:
         m.e2e.observe(time.perf_counter() - arrival)
         yield done
 
-    async def _prompt_attributions(self, job: Job, engine, rid: str, options) -> dict[int, dict]:
+    async def _prompt_attributions(self, job: Job, engine, rid: str, options) -> dict[int, TokenAttribution]:
         """With attribution and echo: prompt position -> attribution of that prompt token, for every
         position after the first, from a teacher-forced replay of the prompt (in the same slot)."""
-        attrs: dict[int, dict] = {}
+        attrs: dict[int, TokenAttribution] = {}
         if options is None or len(job.prompt_ids) < 2:
             return attrs
         replay = engine.replay_stream(f"{rid}-echo", job.prompt_ids[:1], job.prompt_ids[1:], options)
         async with contextlib.aclosing(replay):
             async for new in replay:
                 if new.attr is not None:
-                    attrs[new.index + 1] = msgspec.to_builtins(new.attr)
+                    attrs[new.index + 1] = new.attr
                     self.state.metrics.observe_attribution(new.attr)
         return attrs
 
-    def _echo(self, job: Job, prompt_logprobs, attrs: dict[int, dict], as_ids: bool) -> Piece:
+    def _echo(self, job: Job, prompt_logprobs, attrs: dict[int, TokenAttribution], as_ids: bool) -> Piece:
         """The prompt as the first piece of an echo request: its text and tokens, with the prompt
         log-probabilities vLLM computed in the same request (none for the first token)."""
         piece = Piece(job.index, text=job.prompt_text)
@@ -551,8 +550,15 @@ class Responses:
                 "usage": self.usage()}
 
 
+_JSON = msgspec.json.Encoder()  # encodes the attribution Structs in place, ~10x json.dumps on a summary chunk
+
+
 def _sse(obj) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return b"data: " + _JSON.encode(obj) + b"\n\n"
+
+
+def _json_response(obj, status_code: int = 200) -> Response:
+    return Response(_JSON.encode(obj), status_code=status_code, media_type="application/json")
 
 
 def build_app(front: OpenAIFrontEnd):
@@ -632,7 +638,7 @@ def build_app(front: OpenAIFrontEnd):
             except Exception as exc:  # noqa: BLE001
                 return error(exc, rpc)
             count(rpc, grpc.StatusCode.OK)
-            return JSONResponse(result)
+            return _json_response(result)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
