@@ -55,3 +55,21 @@ def test_bench_json_contract(tiny_llama, tmp_path):
     verify = report["service"]["verify"]
     assert verify["streams"] == 2 and verify["tokens_per_second"] > 0 and verify["over_without"] > 0
     assert verify["verified_tokens"] >= 1
+
+
+def test_http_bench_pairs_ratios_by_repetition():
+    """tools.bench.http reports on/stock repetition by repetition (a drift of the shared machine
+    cancels within a pair), and the table shows them beside the per-mode medians."""
+    from tools.bench.http import markdown, paired_ratio
+
+    on = [{"tokens_per_second": v} for v in (40.0, 50.0, 44.0)]
+    stock = [{"tokens_per_second": v} for v in (42.0, 50.0, 46.0)]
+    p = paired_ratio(on, stock)
+    assert p["per_repetition"] == pytest.approx([40 / 42, 1.0, 44 / 46])
+    assert p["median"] == pytest.approx(44 / 46) and p["min"] == pytest.approx(40 / 42) and p["max"] == 1.0
+    with pytest.raises(ValueError):  # a missing repetition is an error, not a shorter pairing
+        paired_ratio(on, stock[:2])
+    row = {m: {"tokens_per_second": 45.0, "min": 40.0, "max": 50.0} for m in ("vllm", "http-on")}
+    row["paired"] = {"http-on/vllm": p}
+    table = markdown({"model": "m", "dtype": "float32", "max_tokens": 64, "streams": {"8": row}})
+    assert "| 8 | 0.957 [0.952, 1.000] | - |" in table, table

@@ -80,6 +80,19 @@ def run_http_streams(base_url: str, model: str, n: int, max_tokens: int, prompts
             "ttft_p50_seconds": statistics.median(ttft) if ttft else None}
 
 
+# ratios reported repetition by repetition: the two modes of a pair ran minutes apart at most, in
+# the same repetition, so a drift of the shared machine cancels (the medians of each mode alone
+# need not come from the same repetition)
+PAIRS = (("http-on", "vllm"), ("http-off", "vllm"), ("http-on", "http-off"), ("http-on", "grpc-on"),
+         ("http-off", "grpc-off"))
+
+
+def paired_ratio(a: list[dict], b: list[dict]) -> dict:
+    """Median [min, max] over repetitions of a_i / b_i (tokens/s, the same repetition i)."""
+    r = [x["tokens_per_second"] / y["tokens_per_second"] for x, y in zip(a, b, strict=True)]
+    return {"median": statistics.median(r), "min": min(r), "max": max(r), "per_repetition": r}
+
+
 class StockVLLM:
     """`python -m vllm.entrypoints.openai.api_server` with its defaults (dtype aside) on loopback."""
 
@@ -172,7 +185,10 @@ def bench(model: str, streams: list[int], grpc_streams: list[int], max_tokens: i
                                    "min": min(x["tokens_per_second"] for x in rs),
                                    "max": max(x["tokens_per_second"] for x in rs),
                                    "ttft_p50_seconds": statistics.median(x["ttft_p50_seconds"] for x in rs),
+                                   "per_repetition": [x["tokens_per_second"] for x in rs],
                                    "repetitions": len(rs)} for m, rs in runs.items()}
+            results[str(n)]["paired"] = {f"{a}/{b}": paired_ratio(runs[a], runs[b]) for a, b in PAIRS
+                                         if a in runs and b in runs}
         return {"model": model_path.name, "dtype": dtype, "max_tokens": max_tokens, "streams": results}
     finally:
         ours.stop()
@@ -200,6 +216,14 @@ def markdown(report: dict) -> str:
                      f"{ratio(row, 'http-on', 'vllm')} | {ratio(row, 'http-off', 'vllm')} | {cell(row, 'grpc-on')} | "
                      f"{ratio(row, 'http-on', 'grpc-on')} | {cell(row, 'grpc-off')} | "
                      f"{ratio(row, 'http-off', 'grpc-off')} |")
+    lines += ["", "Paired by repetition (each repetition's ratio; median [min, max]):", "",
+              "| streams | " + " | ".join(f"{a} / {b}" for a, b in PAIRS) + " |",
+              "|---:|" + "---:|" * len(PAIRS)]
+    for n, row in sorted(report["streams"].items(), key=lambda kv: int(kv[0])):
+        paired = row.get("paired", {})
+        cells = [(lambda p: f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}]" if p else "-")(paired.get(f"{a}/{b}"))
+                 for a, b in PAIRS]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -210,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", default="1,8,32", help="concurrent streams, HTTP (stock vLLM and alignlens)")
     p.add_argument("--grpc-streams", default="1,8", help="concurrent streams through the gRPC port as well")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--dtype", default="float32", help="both servers (alignlens's default)")
     p.add_argument("--json", action="store_true", help="print the JSON report as the last line")
     p.add_argument("--out", help="write the Markdown table here")
