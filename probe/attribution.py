@@ -36,7 +36,7 @@ from alignlens.probe.dla import attention_splits, direct_logit_attribution, pair
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.fingerprint import host_fingerprint
 from alignlens.probe.host import Host
-from alignlens.probe.model import ProbeModel, candidate_set, readout_logits, token_features
+from alignlens.probe.model import ProbeModel, candidate_set, readout_logits, token_features, vocab_logsumexp
 from alignlens.probe.names import FAMILIES, FAMILY_INDEX
 from alignlens.probe.record import Detail, Direction, TokenAttribution
 from alignlens.probe.svd import SvdFactors, load_or_compute
@@ -48,20 +48,6 @@ FULL_DIRECTIONS = 8  # directions reported for the top pair at Detail.FULL
 # one thread, SmolLM2-135M, 512 replay rows: 1534 ms whole, 1458 (256), 1187 (128), 1073 (64),
 # 1201 (32).
 CHUNK_ROWS = 64
-
-
-LSE_FLOOR = -80.0  # exp of (logit - max) below this is < 2e-35: a whole vocabulary of them adds < 1e-29
-
-
-def vocab_logsumexp(logits: Tensor) -> Tensor:
-    """logsumexp over the last dimension, with every (logit - max) floored at LSE_FLOOR first.
-
-    torch's exp takes a slow path where its result underflows (measured on this AVX2 CPU, one
-    thread, [16, 262144] float32: 76-89 ms with most entries below -87, 22 ms without), and a
-    262k-entry vocabulary has many such entries; the floor changes the sum by less than
-    V * e^-80 relative to its largest term (1 for the max itself)."""
-    m = logits.amax(dim=-1, keepdim=True)
-    return ((logits - m).clamp_min_(LSE_FLOOR).exp_().sum(dim=-1, keepdim=True).log_() + m).squeeze(-1)
 
 
 class Attributor:

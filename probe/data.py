@@ -32,7 +32,7 @@ from torch import Tensor
 from alignlens.probe.dla import direct_logit_attribution, pair_dla
 from alignlens.probe.features import alignment_features, output_gradient_on_bases
 from alignlens.probe.host import Host
-from alignlens.probe.model import candidate_set
+from alignlens.probe.model import candidate_set, vocab_logsumexp
 from alignlens.probe.names import FAMILY_INDEX, RESID, RESID_MID
 from alignlens.probe.svd import READERS, SvdFactors
 
@@ -127,7 +127,7 @@ def host_targets(host: Host, h_last: Tensor, token_ids: Tensor, top_k: int) -> t
     """From h_L [N, d]: host top-K ids [N, K], their logits [N, K] and log p(y) [N] (full vocab)."""
     logits = host.logits(h_last)  # [N, vocab]
     cand_logits, cand_ids = logits.topk(top_k, dim=-1)
-    logp_y = logits.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    logp_y = logits.gather(1, token_ids[:, None]).squeeze(1) - vocab_logsumexp(logits)
     return cand_ids, cand_logits, logp_y
 
 

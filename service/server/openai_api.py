@@ -557,8 +557,8 @@ def _sse(obj) -> bytes:
     return b"data: " + _JSON.encode(obj) + b"\n\n"
 
 
-def _json_response(obj, status_code: int = 200) -> Response:
-    return Response(_JSON.encode(obj), status_code=status_code, media_type="application/json")
+def _json_response(obj) -> Response:
+    return Response(_JSON.encode(obj), media_type="application/json")
 
 
 def build_app(front: OpenAIFrontEnd):

@@ -208,6 +208,9 @@ def markdown(report: dict) -> str:
         r = row[m]
         return f"{r['tokens_per_second']:.1f} [{r['min']:.1f}, {r['max']:.1f}]"
 
+    def span(p):
+        return f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}]"
+
     def ratio(row, a, b):
         return f"{row[a]['tokens_per_second'] / row[b]['tokens_per_second']:.3f}" if a in row and b in row else "-"
 
@@ -221,8 +224,7 @@ def markdown(report: dict) -> str:
               "|---:|" + "---:|" * len(PAIRS)]
     for n, row in sorted(report["streams"].items(), key=lambda kv: int(kv[0])):
         paired = row.get("paired", {})
-        cells = [(lambda p: f"{p['median']:.3f} [{p['min']:.3f}, {p['max']:.3f}]" if p else "-")(paired.get(f"{a}/{b}"))
-                 for a, b in PAIRS]
+        cells = [span(paired[f"{a}/{b}"]) if f"{a}/{b}" in paired else "-" for a, b in PAIRS]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
