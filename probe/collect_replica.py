@@ -86,8 +86,12 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
                 save_every: int = 20) -> Path:
     """Phase 4: ablation labels for `rows_per_prompt` random rows of every prompt of a trace.
 
-    basis [L, 3, k, d] (probe.svd), attn_out_bias [L, d]. Resumable: prompts already in an existing
-    labels file are skipped; the file is rewritten every `save_every` prompts.
+    basis [L, 3, k, d] (probe.svd), attn_out_bias [L, d]. A prompt's rows are the first
+    `rows_per_prompt` of one seeded permutation of its rows, so a larger `rows_per_prompt` is a
+    superset of a smaller one with the same seed (a prompt with T <= rows_per_prompt rows is
+    labelled whole). Resumable and extendable: rows already in an existing labels file are kept and
+    not ablated again, only the missing ones are (so rerunning with more rows per prompt tops the
+    labels up); the file is rewritten every `save_every` prompts.
     """
     labels = _LabelFile(labels_path(trace_path), trace_path, save_every)
     ablator = FastAblator(model, basis, attn_out_bias)
@@ -96,10 +100,17 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
         rec = read_prompt(trace_path, i)
         T = rec["token_ids"].shape[0]
         rows = torch.randperm(T, generator=gen)[:rows_per_prompt].sort().values  # drawn even if skipped
-        if f"{i}.rows" in labels:
+        have = labels.entries.get(f"{i}.rows", torch.empty(0, dtype=torch.long))
+        missing = rows[~torch.isin(rows, have)]
+        if missing.numel() == 0:
             continue
-        base, drop = ablator.drops(*decision_inputs(rec, rows))
-        labels.add({f"{i}.rows": rows, f"{i}.drop": drop.float(), f"{i}.base_logprob": base.float()})
+        base, drop = ablator.drops(*decision_inputs(rec, missing))
+        new = {"rows": missing, "drop": drop.float(), "base_logprob": base.float()}
+        if have.numel():  # merge with the rows labelled before, in row order
+            merged = {k: torch.cat([labels.entries[f"{i}.{k}"], v]) for k, v in new.items()}
+            order = merged["rows"].argsort()
+            new = {k: v[order] for k, v in merged.items()}
+        labels.add({f"{i}.{k}": v for k, v in new.items()})
     return labels.save()
 
 

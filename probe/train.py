@@ -55,6 +55,7 @@ class TrainConfig:
     linearized_weight: float = 0.5  # weight of the auxiliary linearized-effect (v) loss
     rank_weight: float = 0.0  # weight of the ListNet term inside the ablation loss (0: it did not help on SmolLM2)
     rank_temperature: float = 0.5  # T of the ListNet softmax, in log-nats
+    centred_weight: float = 0.0  # weight of the per-token centred term inside the ablation loss (see ablation_loss)
     ablation_grad_to_trunk: bool = False  # let the (few) ablation labels train the shared trunk too
     seed: int = 0  # torch seed: init, batch order, negatives
     threads: int = 1  # torch CPU threads (2 is slower than 1 on a busy 2-core machine)
@@ -117,13 +118,39 @@ def readout_loss(host: Host, model: ProbeModel, r: Tensor, batch: TokenSet, ce_w
     return (kl + ce_weight * ce).sum(1).mean()
 
 
-def ablation_loss(u: Tensor, target: Tensor, rank_weight: float, temperature: float) -> Tensor:
-    """u [B, L, 3] predicted log-magnitudes, target [B, L, 3] = log_magnitude(drop) -> MSE + rank_weight * ListNet."""
+def ablation_loss(u: Tensor, target: Tensor, rank_weight: float, temperature: float,
+                  centred_weight: float = 0.0) -> Tensor:
+    """u [B, L, 3] predicted log-magnitudes, target [B, L, 3] = log_magnitude(drop) ->
+    MSE + rank_weight * ListNet + centred_weight * MSE of both centred per token (each minus its mean
+    over the 3L pairs: the token's profile shape without its overall scale, which is what the
+    per-token and share-centered rank correlations score)."""
     t = target.flatten(1)
     p = u.flatten(1)
     soft = F.softmax(t / temperature, 1)
     listnet = -(soft * F.log_softmax(p / temperature, 1)).sum(1) + (soft * F.log_softmax(t / temperature, 1)).sum(1)
-    return F.mse_loss(p, t) + rank_weight * listnet.mean()
+    loss = F.mse_loss(p, t) + rank_weight * listnet.mean()
+    if centred_weight:
+        loss = loss + centred_weight * F.mse_loss(p - p.mean(1, keepdim=True), t - t.mean(1, keepdim=True))
+    return loss
+
+
+def _optimiser(model: ProbeModel, cfg: TrainConfig):
+    """AdamW over the trainable parameters, linear warm-up then cosine decay over cfg.steps."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    warmup = min(100, cfg.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    return opt, sched
+
+
+def _step(model: ProbeModel, opt, sched, loss: Tensor) -> None:
+    """One optimiser step: backward, gradient norm clipped at 1, update, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
 
 
 def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfig, cfg: TrainConfig,
@@ -149,11 +176,7 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
         log.warning("fit: no ablation labels in the data; the importance head is not trained on real "
                     "ablations and the artifact will say so")
     rows = torch.nonzero(data.has_lin).squeeze(1) if use_lin else torch.arange(len(data))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    warmup = min(100, cfg.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    opt, sched = _optimiser(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
     l_order, l_pos = (labeled[torch.randperm(labeled.numel(), generator=gen)], 0) if use_ablation else (None, 0)
@@ -188,14 +211,11 @@ def train(host: Host, data: TokenSet, factors: SvdFactors, probe_cfg: ProbeConfi
                 states = model.trunk(lb.resid, model.standardize(lb.alpha))
             feats = model.pair_features(lb.alpha, lb.g_out, token_features(lb.host_logprob, lb.cand_logits), lb.dla)
             u = model.importance(states, feats, host.W_U[lb.token_ids])[..., 0]
-            loss_abl = ablation_loss(u, model.log_magnitude(lb.drop), cfg.rank_weight, cfg.rank_temperature)
+            loss_abl = ablation_loss(u, model.log_magnitude(lb.drop), cfg.rank_weight, cfg.rank_temperature,
+                                     cfg.centred_weight)
             loss = loss + cfg.ablation_weight * loss_abl
             track("ablation", loss_abl)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _step(model, opt, sched, loss)
         steps_done = step + 1
         if step % 20 == 0:
             bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
@@ -250,4 +270,123 @@ def train_artifact(checkpoint_dir: str, trace_paths: list[str], out_path: str, p
     }
     save_artifact(out_path, model, meta)
     log.info("save: %s (%.1f s in all)", out_path, meta["training_seconds"])
+    return meta
+
+
+HEAD_PREFIX = "i_"  # the importance head's parameters (probe.model.ProbeModel: i_in, i_depth, ... i_lin)
+
+
+def retrain_head(host: Host, data: TokenSet, model: ProbeModel, cfg: TrainConfig,
+                 progress: bool = True) -> tuple[ProbeModel, dict]:
+    """Retrain only the importance head of a trained probe on `data`'s ablation labels (and, as in
+    `train`, the auxiliary linearized-effect labels); the trunk, readout and input statistics stay
+    bit-identical, so the depth readout and its evaluation do not change.
+
+    The head restarts from a fresh seeded initialisation (its per-pair bias at the new mean targets),
+    as in `train`: the result depends on the labels, not on the head it replaces. This is the lever
+    "more ablation labels" at a fraction of a full training's cost (the head is ~2 % of the probe's
+    multiply-adds, and the trunk's states need no gradient)."""
+    labeled = torch.nonzero(data.labeled).squeeze(1)
+    if labeled.numel() == 0 or data.drop is None:
+        raise ValueError("retrain_head: the data carry no ablation labels (run `alignlens probe label`)")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    fresh = ProbeModel(model.cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(HEAD_PREFIX):
+                p.copy_(dict(fresh.named_parameters())[name])
+        model.i_bias[..., 0] = model.log_magnitude(data.drop[labeled]).mean(0)
+        if data.lin is not None:
+            model.i_bias[..., 1] = model.log_magnitude(data.lin[data.has_lin]).mean(0)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(HEAD_PREFIX))
+    use_lin = data.lin is not None and cfg.linearized_weight > 0
+    opt, sched = _optimiser(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.eval()  # no dropout anywhere; eval keeps the frozen trunk's behaviour exactly
+    with torch.no_grad():  # the trunk is frozen: its states once, for every labelled token
+        states = torch.cat([model.trunk(data.resid[s:s + 256], model.standardize(data.alpha[s:s + 256]))
+                            for s in range(0, len(data), 256)])
+    tok = token_features(data.host_logprob, data.cand_logits)
+    lin_rows = torch.nonzero(data.has_lin).squeeze(1) if use_lin else None
+    ema: dict[str, float] = {}
+    steps_done, stopped_early = 0, False
+    for step in tqdm(range(cfg.steps), desc="train head", disable=not progress):
+        b = labeled[torch.randint(0, labeled.numel(), (cfg.ablation_batch_size,), generator=gen)]
+        u = model.importance(states[b], model.pair_features(data.alpha[b], data.g_out[b], tok[b],
+                                                            None if data.dla is None else data.dla[b]),
+                             host.W_U[data.token_ids[b]])[..., 0]
+        loss = cfg.ablation_weight * ablation_loss(u, model.log_magnitude(data.drop[b]), cfg.rank_weight,
+                                                   cfg.rank_temperature, cfg.centred_weight)
+        ema["ablation"] = 0.98 * ema.get("ablation", loss.item()) + 0.02 * loss.item()
+        if use_lin:
+            c = lin_rows[torch.randint(0, lin_rows.numel(), (cfg.batch_size,), generator=gen)]
+            v = model.importance(states[c], model.pair_features(data.alpha[c], data.g_out[c], tok[c],
+                                                                None if data.dla is None else data.dla[c]),
+                                 host.W_U[data.token_ids[c]])[..., 1]
+            loss_lin = F.mse_loss(v, model.log_magnitude(data.lin[c]))
+            loss = loss + cfg.linearized_weight * loss_lin
+            ema["linearized"] = 0.98 * ema.get("linearized", loss_lin.item()) + 0.02 * loss_lin.item()
+        _step(model, opt, sched, loss)
+        steps_done = step + 1
+        if time.perf_counter() - start > cfg.max_minutes * 60:
+            stopped_early = True
+            log.warning("fit: head stopped at step %d of %d: wall-clock budget of %.1f min reached",
+                        steps_done, cfg.steps, cfg.max_minutes)
+            break
+    for p in model.parameters():
+        p.requires_grad_(True)
+    seconds = time.perf_counter() - start
+    log.info("fit: head, %d steps in %.1f s on %d labelled tokens (losses %s)", steps_done, seconds,
+             labeled.numel(), ", ".join(f"{k} {v:.4f}" for k, v in ema.items()))
+    return model.eval(), {"training_seconds": round(seconds, 1), "steps_done": steps_done,
+                          "stopped_early": stopped_early, "final_losses": {k: round(v, 5) for k, v in ema.items()},
+                          "importance_head_trained_on_ablations": True, "linearized_auxiliary": use_lin,
+                          "head_only": True}
+
+
+def readout_state_equal(a: ProbeModel, b: ProbeModel) -> bool:
+    """Whether two probes share every tensor outside the importance head (trunk, readout, lens and
+    input statistics): then their depth readouts are identical and so is that part of an evaluation."""
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = {k for k in sa if not k.startswith(HEAD_PREFIX)}
+    return keys == {k for k in sb if not k.startswith(HEAD_PREFIX)} and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
+def retrain_head_artifact(checkpoint_dir: str, trace_paths: list[str], base_artifact: str, out_path: str,
+                          cfg: TrainConfig | None = None, progress: bool = True) -> dict:
+    """`alignlens probe train --head-of BASE`: `retrain_head` of the probe at `base_artifact` on the
+    traces' labels, written to `out_path` with the base's metadata, the new data summary (its
+    ablation-labelled token count and mean |drop| profile, the evaluation's null) and no
+    evaluation. Returns the metadata."""
+    from alignlens.probe.artifact import load_artifact, save_artifact
+    from alignlens.probe.data import trace_metadata
+    from alignlens.probe.fingerprint import host_fingerprint
+    from alignlens.probe.svd import load_or_compute
+
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    start = time.perf_counter()
+    host = Host.from_checkpoint(checkpoint_dir)
+    model, base_meta = load_artifact(base_artifact, host_fingerprint(host), checkpoint_dir)
+    factors = load_or_compute(host, model.cfg.k)
+    log.info("data: reading %s", ", ".join(map(str, trace_paths)))
+    data = build_dataset(host, factors, trace_paths, top_k=model.cfg.top_k)
+    model, summary = retrain_head(host, data, model, cfg, progress=progress)
+    labeled = data.labeled
+    meta = {k: v for k, v in base_meta.items() if k not in ("format_version", "probe_config")}
+    meta["data"] = {**base_meta.get("data", {}),
+                    "traces": [{"file": str(p), "metadata": trace_metadata(p)} for p in trace_paths],
+                    "ablation_labelled_tokens": int(labeled.sum()),
+                    "train_mean_abs_drop": data.drop[labeled].abs().mean(0).tolist()}
+    meta["head_retrained"] = {"from": str(base_artifact), "from_fit": base_meta.get("fit"),
+                              "from_ablation_labelled_tokens":
+                                  base_meta.get("data", {}).get("ablation_labelled_tokens"),
+                              "train_config": cfg.to_dict(), "fit": summary,
+                              "seconds": round(time.perf_counter() - start, 1)}
+    meta["evaluation"] = None
+    save_artifact(out_path, model, meta)
+    log.info("save: %s (importance head retrained on %d labelled tokens)", out_path, int(labeled.sum()))
     return meta

@@ -70,3 +70,23 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     # a token-independent profile has no share-centered signal (its centred shares are all 0)
     assert result["headline"]["faithfulness"]["mean_profile"]["share_centered_spearman"]["value"] == 0.0
     assert read_metadata(artifact)["evaluation"]["tokens"] == result["tokens"]
+    # more labels, then `train --head-of`: the evaluation reuses the depth curves (same trunk and
+    # readout) and measures faithfulness anew; a probe with another trunk is refused
+    assert main(["probe", "label", "--model", str(tiny_checkpoint), "--data", str(trace), "--label-rows", "4",
+                 "--no-gradients", "--k", "8"]) == 0
+    head = tmp_path / "head.safetensors"
+    assert main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(head),
+                 "--head-of", str(artifact), "--steps", "20", "--centred-weight", "1"]) == 0
+    meta = read_metadata(head)
+    assert meta["data"]["ablation_labelled_tokens"] == 16
+    assert meta["head_retrained"]["from_ablation_labelled_tokens"] == 8
+    capsys.readouterr()
+    assert main(["probe", "eval", "--probe", str(head), "--model", str(tiny_checkpoint), "--data", f"tiny={trace}",
+                 "--ablation-per-prompt", "2", "--boot", "20", "--depth-from", str(artifact), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["depth_kl"] == result["depth_kl"] and again["tuned_lens_kl"] == result["tuned_lens_kl"]
+    assert again["depth_reused_from"] == str(artifact)
+    assert meta["data"]["train_mean_abs_drop"] != read_metadata(artifact)["data"]["train_mean_abs_drop"]  # the new null
+    with pytest.raises(SystemExit, match="trunk or readout differs"):
+        main(["probe", "eval", "--probe", str(head), "--model", str(tiny_checkpoint), "--data", f"tiny={trace}",
+              "--boot", "20", "--depth-from", str(act_only), "--json"])

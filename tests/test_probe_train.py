@@ -79,15 +79,15 @@ def test_trained_probe_beats_untrained_null(tiny_setup):
     untrained = sum(_final_agreement_of_depth(null, host, test_ds, l) for l in range(1, L))
     assert trained > untrained + 0.1, (trained, untrained)
     # the importance head ranks (block, family) pairs like the host's own effect sizes; the null does not
-    target = test_ds.lin.abs().flatten(1)
+    assert _rho(model, host, test_ds) > _rho(null, host, test_ds) + 0.15
 
-    def rho(m: ProbeModel) -> float:
-        with torch.no_grad():
-            _, pred = m(test_ds.resid, test_ds.alpha, test_ds.g_out, host.W_U[test_ds.token_ids],
-                        token_features(test_ds.host_logprob, test_ds.cand_logits))
-        return float(spearman(m.attribution(pred[..., 0]).flatten(1), target).mean())
 
-    assert rho(model) > rho(null) + 0.15, (rho(model), rho(null))
+def _rho(m: ProbeModel, host: Host, ds) -> float:
+    """Per-token Spearman of the head's predicted |drop| with the host's |linearized effect|."""
+    with torch.no_grad():
+        _, pred = m(ds.resid, ds.alpha, ds.g_out, host.W_U[ds.token_ids],
+                    token_features(ds.host_logprob, ds.cand_logits))
+    return float(spearman(m.attribution(pred[..., 0]).flatten(1), ds.lin.abs().flatten(1)).mean())
 
 
 def _kl_at(host: Host, r: torch.Tensor, ds, depth: int) -> float:
@@ -131,6 +131,46 @@ def test_tuned_lens_beats_the_logit_lens_and_the_levers_train(tiny_setup, tmp_pa
     records = att(cap["resid"], cap["resid_mid"], cap["token_ids"], detail=Detail.FULL)
     assert len(records) == 3 and all(len(x.family_attribution) == L for x in records)
     assert test_ds.dla is not None and test_ds.dla.shape == (len(test_ds), L, 3)
+
+
+def test_centred_ablation_loss_scores_the_profile_shape_only():
+    """The centred term ignores a per-token offset of the log-magnitudes (the token's overall
+    scale) and penalises a change of the profile's shape."""
+    from alignlens.probe.train import ablation_loss
+
+    t = torch.randn(4, 5, 3)
+    shifted = t + torch.randn(4, 1, 1)  # same shapes, other scales
+    plain = ablation_loss(shifted, t, 0.0, 0.5)
+    assert ablation_loss(shifted, t, 0.0, 0.5, centred_weight=2.0) == pytest.approx(plain.item(), abs=1e-6)
+    reshaped = t + 0.3 * torch.randn(4, 5, 3)
+    assert ablation_loss(reshaped, t, 0.0, 0.5, centred_weight=2.0) > ablation_loss(reshaped, t, 0.0, 0.5) + 1e-3
+
+
+def test_head_retrain_keeps_the_readout_and_learns_the_drops(tiny_setup):
+    """`probe train --head-of`: only the importance head changes (so the depth evaluation can be
+    reused), and the fresh head learns the ablation labels: it ranks the test tokens' pairs like
+    the host's own effect sizes, which the untrained head it restarts from does not."""
+    from alignlens.probe.train import readout_state_equal, retrain_head
+
+    _, host, fac, train_ds, test_ds, _ = tiny_setup
+    base, _ = train(host, train_ds, fac, _cfg(host), TrainConfig(steps=30, batch_size=16, negatives=32),
+                    progress=False)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    import copy
+
+    model, fit = retrain_head(host, train_ds, copy.deepcopy(base), TrainConfig(steps=300, lr=3e-3), progress=False)
+    assert fit["head_only"] and fit["steps_done"] == 300
+    assert readout_state_equal(model, base)
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before if k.startswith("i_"))
+    other = ProbeModel(_cfg(host))
+    assert not readout_state_equal(other, base)
+    untrained = copy.deepcopy(base)
+    with torch.no_grad():
+        fresh = ProbeModel(_cfg(host))
+        for name, p in untrained.named_parameters():
+            if name.startswith("i_"):
+                p.copy_(fresh.get_parameter(name))
+    assert _rho(model, host, test_ds) > _rho(untrained, host, test_ds) + 0.15
 
 
 def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):

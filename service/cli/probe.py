@@ -106,11 +106,19 @@ def _train(args: argparse.Namespace) -> int:
 
     checkpoint = _checkpoint(args.model)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
-                      max_minutes=args.max_minutes, rank_weight=args.rank_weight)
+                      max_minutes=args.max_minutes, rank_weight=args.rank_weight, centred_weight=args.centred_weight,
+                      ablation_batch_size=args.ablation_batch_size)
     overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k,
                  "alignment_features": args.alignment_features, "tuned_lens": args.tuned_lens,
                  "dla_inputs": args.dla_inputs}
     out = args.out or str(default_artifact_path(checkpoint))
+    if args.head_of:
+        from alignlens.probe.train import retrain_head_artifact
+
+        meta = retrain_head_artifact(str(checkpoint), args.data, args.head_of, out, cfg)
+        print(json.dumps({"artifact": out, "head_retrained": meta["head_retrained"],
+                          "ablation_labelled_tokens": meta["data"]["ablation_labelled_tokens"]}))
+        return 0
     meta = train_artifact(str(checkpoint), args.data, out, overrides, cfg, max_tokens=args.max_tokens)
     print(json.dumps({"artifact": out, "training_seconds": meta["training_seconds"],
                       "tokens": meta["data"]["tokens"], "fit": meta["fit"]}))
@@ -127,6 +135,9 @@ def _eval(args: argparse.Namespace) -> int:
     from alignlens.probe.fingerprint import host_fingerprint
     from alignlens.probe.tuned_lens import TunedLensConfig, train_tuned_lens
 
+    if args.depth_from and (args.tuned_lens_data or args.activation_only):
+        raise SystemExit("alignlens probe eval: --depth-from takes the depth curves, tuned lens and activation-only "
+                         "readout included, from the earlier evaluation: drop --tuned-lens-data / --activation-only")
     torch.set_num_threads(args.threads)
     checkpoint = _checkpoint(args.model)
     artifact = Path(args.probe or default_artifact_path(checkpoint))
@@ -155,11 +166,26 @@ def _eval(args: argparse.Namespace) -> int:
         if meta["probe_config"].get("alignment_features", True):
             raise SystemExit(f"alignlens probe eval: {args.activation_only} is not an activation-only probe "
                              "(train one with `alignlens probe train --no-alignment-features`)")
+    reuse_depth = None
+    if args.depth_from:
+        from alignlens.probe.train import readout_state_equal
+
+        earlier, earlier_meta = load_artifact(args.depth_from, host_fingerprint(att.host), checkpoint)
+        if not readout_state_equal(att.model, earlier):
+            raise SystemExit(f"alignlens probe eval: --depth-from {args.depth_from}: that probe's trunk or readout "
+                             f"differs from {artifact}'s, so its depth curves are not this probe's")
+        if not earlier_meta.get("evaluation"):
+            raise SystemExit(f"alignlens probe eval: --depth-from {args.depth_from} carries no evaluation")
+        reuse_depth = earlier_meta["evaluation"]
+        lens_summary = reuse_depth.get("tuned_lens")
     result = evaluate(att, model, sets, args.ablation_per_prompt, tuned_lens=lens, activation_only=activation_only,
-                      tokens_per_set=args.tokens_per_set, n_boot=args.boot)
+                      tokens_per_set=args.tokens_per_set, n_boot=args.boot, reuse_depth=reuse_depth)
     result["probe"] = str(artifact)
     result["tuned_lens"] = lens_summary
     result["activation_only_probe"] = args.activation_only
+    if reuse_depth is not None:
+        result["activation_only_probe"] = reuse_depth.get("activation_only_probe")
+        result["depth_reused_from"] = str(args.depth_from)
     if args.write:
         update_metadata(artifact, evaluation=result)
         eval_path = sidecar_path(artifact).with_suffix(".eval.json")
@@ -227,6 +253,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--dla-inputs", action=argparse.BooleanOptionalAction, default=False,
                    help="the importance head also reads each (block, family)'s direct logit attribution")
     t.add_argument("--rank-weight", type=float, default=0.0, help="weight of the ListNet ranking term")
+    t.add_argument("--centred-weight", type=float, default=0.0,
+                   help="weight of the per-token centred term of the ablation loss (the profile's shape)")
+    t.add_argument("--ablation-batch-size", type=int, default=32, help="ablation-labelled tokens per step")
+    t.add_argument("--head-of", metavar="ARTIFACT",
+                   help="retrain only the importance head of this probe on --data's labels (trunk, readout and "
+                        "input statistics kept bit-identical; the architecture flags are ignored)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a probe (METHOD.md section 6)")
@@ -245,6 +277,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--tuned-lens-steps", type=int, default=400, help="tuned-lens Adam steps")
     e.add_argument("--activation-only", metavar="ARTIFACT",
                    help="an activation-only probe (probe train --no-alignment-features) to compare readouts with")
+    e.add_argument("--depth-from", metavar="ARTIFACT",
+                   help="take the depth curves (probe, logit lens, tuned lens, activation-only) from this probe's "
+                        "stored evaluation; refused unless its trunk and readout equal --probe's (e.g. after "
+                        "`probe train --head-of`); faithfulness is measured anew")
     e.add_argument("--boot", type=int, default=1000, help="bootstrap resamples over prompts")
     e.add_argument("--threads", type=int, default=1, help="torch threads")
     e.add_argument("--json", action="store_true", help="print only the JSON object")

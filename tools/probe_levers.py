@@ -1,0 +1,227 @@
+"""Importance-head levers, measured fast: the probe's trunk held fixed, only the head retrained.
+
+The shipped probe's trunk and readout stay as they are (so the depth readout is unchanged); each
+variant retrains the importance head from a fresh seeded initialisation on the training trace's
+ablation labels and is scored against the exact ablations of the evaluation sets
+(`alignlens probe eval`'s cached sets), with the same metrics as the evaluation
+(probe.evaluate.faithfulness_report; 200 bootstrap resamples over prompts here, 1,000 there). One
+variant takes about a minute on two cores, against ~20 minutes for a whole `probe train` plus a
+faithfulness evaluation. What it measured on SmolLM2 is in docs/benchmarks/probe-levers.md.
+
+    python -m tools.probe_levers prep --trace TRAIN.safetensors --out levers.pt   # ~5 min, ~3 GB RAM
+    python -m tools.probe_levers run --data levers.pt base frac34 centred1 ...    # ~1 min per variant
+
+`prep` needs the evaluation's cached sets and their ablations (run `alignlens probe eval` once) and
+the trace's labels (`alignlens probe label`); `run` prints one JSON line per variant: held-out kinds
+(the evaluation's headline sets) and the in-distribution split (use that one to choose, so the
+headline stays a test). Variants: VARIANTS below, plus `gradient` (an amortized host gradient:
+gamma = d log p(y)/d(family vector) regressed on the output gradient, ridge, then gamma . comp as
+the linearized effect) and `linearized_upper` (the head's prediction times the EXACT linearized
+effect, which the server cannot compute: an upper bound for any amortized gradient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from alignlens.probe.artifact import default_artifact_path
+from alignlens.probe.attribution import Attributor
+from alignlens.probe.data import build_dataset, component_scale, prompt_indices
+from alignlens.probe.evaluate import EVAL_SETS, bootstrap_groups, faithfulness_report
+from alignlens.probe.features import output_gradient
+from alignlens.probe.model import ProbeModel, token_features
+from alignlens.probe.paths import alignlens_home
+from alignlens.probe.train import HEAD_PREFIX
+from alignlens.service.modelstore import resolve_model
+
+# name: (fraction of the labelled tokens, steps, ablation batch, centred weight, ListNet weight)
+VARIANTS = {
+    "base": dict(),
+    "frac25": dict(frac=0.25),
+    "frac34": dict(frac=0.337),  # as many labels as the first shipped probe had (3,727 of 11,054)
+    "frac50": dict(frac=0.5),
+    "rank1": dict(rank_weight=1.0),
+    "centred1": dict(centred=1.0),
+    "centred3": dict(centred=3.0),
+    "centred1_bs64": dict(centred=1.0, bs=64, steps=4000),
+    "centred1_rank05": dict(centred=1.0, rank_weight=0.5),
+}
+HEADLINE = ("heldout_kinds_t0", "heldout_kinds_t08")
+
+
+def _eval_sets(fingerprint: str) -> dict[str, tuple[Path, Path]]:
+    """The evaluation's cached sets, {name: (trace, ablations)}, found by their metadata."""
+    from safetensors import safe_open
+
+    found = {}
+    for path in sorted((alignlens_home() / "probe-eval").glob(f"{fingerprint[:16]}-*.safetensors")):
+        if ".ablations-" in path.name:
+            continue
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        for name, source, temp in EVAL_SETS:
+            if meta.get("split") == source and float(meta.get("temperature", -1)) == temp:
+                abl = sorted(path.parent.glob(f"{path.stem}.ablations-*-8-0.safetensors"))
+                if abl:
+                    found[name] = (path, abl[0])
+    return found
+
+
+@torch.no_grad()
+def prep(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(args.threads)
+    ck = resolve_model("default")
+    att = Attributor.load(args.base or default_artifact_path(ck), ck)
+    h, m = att.host, att.model
+    scale = component_scale(att.factors)
+
+    def pack(ds, idx):
+        s = ds.subset(idx)
+        states = torch.cat([m.trunk(s.resid[i:i + 256], m.standardize(s.alpha[i:i + 256]))
+                            for i in range(0, len(s), 256)])
+        return dict(states=states, g_last=output_gradient(h, s.resid[:, -1], s.token_ids, s.cand_ids, s.cand_logits),
+                    alpha=s.alpha, comp=s.alpha / scale, g_out=s.g_out,
+                    tok=token_features(s.host_logprob, s.cand_logits),
+                    dla=s.dla, token_ids=s.token_ids, groups=s.prompt_index, lin=s.lin, drop=s.drop)
+
+    out: dict = {}
+    tr = build_dataset(h, att.factors, [args.trace], top_k=att.top_k)
+    out["train"] = pack(tr, torch.nonzero(tr.labeled).squeeze(1))
+    out["train_mean_abs_drop"] = tr.drop[tr.labeled].abs().mean(0)
+    grads = Path(args.trace).with_name(Path(args.trace).stem + ".gradients.safetensors")
+    if grads.is_file():  # every row: the amortized-gradient variant's regression data
+        out["train_all"] = pack(tr, torch.arange(len(tr)))
+        G = load_file(str(grads))
+        out["train_all"]["gamma"] = torch.cat([G[f"{i}.gamma"].float() for i in prompt_indices(args.trace)])
+    del tr
+    for name, (trace, abl) in _eval_sets(att.metadata["host_fingerprint"]).items():
+        ds = build_dataset(h, att.factors, [trace], top_k=att.top_k)
+        t = load_file(str(abl))
+        rows = list(torch.split(t["rows"], t["counts"].tolist()))
+        order = torch.unique(ds.prompt_index)
+        first = {int(p): int(torch.nonzero(ds.prompt_index == p)[0]) for p in order}
+        idx = torch.cat([first[int(order[j])] + r for j, r in enumerate(rows)])
+        ds.drop, ds.lin = None, None
+        out[name] = pack(ds, idx)
+        out[name]["drop"], out[name]["lin"] = t["drop"], t["lin"]
+        print(name, len(idx), "ablated tokens", flush=True)
+    torch.save(out, args.out)
+    print("saved", args.out)
+
+
+def _pool(D: dict, names: tuple[str, ...]) -> dict:
+    parts = [D[n] for n in names if n in D]
+    return {k: torch.cat([p[k] + j * 10**6 if k == "groups" else p[k] for j, p in enumerate(parts)])
+            for k in parts[0]}
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    ck = resolve_model("default")
+    att = Attributor.load(args.base or default_artifact_path(ck), ck)
+    W_U = att.host.W_U
+    D = torch.load(args.data)
+    centre = D["train_mean_abs_drop"].flatten()
+    sets = {"heldout_kinds": _pool(D, HEADLINE), "in_distribution": D["in_distribution_t08"]}
+
+    def predict(model: ProbeModel, d: dict) -> torch.Tensor:
+        with torch.no_grad():
+            u = model.importance(d["states"], model.pair_features(d["alpha"], d["g_out"], d["tok"], d["dla"]),
+                                 W_U[d["token_ids"]])[..., 0]
+        return model.attribution(u)
+
+    def score(pred: torch.Tensor, d: dict) -> dict:
+        r = faithfulness_report(pred, d["drop"], d["groups"], bootstrap_groups(d["groups"], 200, 0), centre)
+        return {k: [round(v["value"], 3), [round(x, 3) for x in v["ci"]]] for k, v in r.items()
+                if k in ("per_token_spearman", "share_centered_spearman", "top_pair_hit")}
+
+    def train_head(frac=1.0, steps=3000, rank_weight=0.0, centred=0.0, lr=2e-3, seed=0, lin_weight=0.5, bs=32):
+        from alignlens.probe.train import ablation_loss
+
+        torch.manual_seed(seed)
+        model = copy.deepcopy(att.model)
+        fresh = ProbeModel(model.cfg)
+        tr = D["train"]
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.startswith(HEAD_PREFIX) and n != "i_bias":
+                    p.copy_(fresh.get_parameter(n))
+            model.i_bias[..., 0] = model.log_magnitude(tr["drop"]).mean(0)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(HEAD_PREFIX))
+        g = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(tr["drop"].shape[0], generator=g)[:int(tr["drop"].shape[0] * frac)]
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, s / steps))))
+        for _ in range(steps):
+            b = keep[torch.randint(0, keep.numel(), (bs,), generator=g)]
+            out = model.importance(tr["states"][b], model.pair_features(tr["alpha"][b], tr["g_out"][b], tr["tok"][b],
+                                                                        tr["dla"][b]), W_U[tr["token_ids"][b]])
+            loss = ablation_loss(out[..., 0], model.log_magnitude(tr["drop"][b]), rank_weight, 0.5, centred)
+            if lin_weight:
+                loss = loss + lin_weight * F.mse_loss(out[..., 1], model.log_magnitude(tr["lin"][b]))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        return model.eval()
+
+    for name in args.variants:
+        t0 = time.time()
+        if name in VARIANTS or name == "as_loaded":
+            model = att.model if name == "as_loaded" else train_head(**VARIANTS[name])
+            res = {s: score(predict(model, d), d) for s, d in sets.items()}
+        elif name == "gradient":
+            A = D["train_all"]
+            X = torch.cat([A["g_last"], torch.ones(len(A["g_last"]), 1)], 1).double()
+            XtX = X.T @ X
+            R = torch.linalg.solve(XtX + 1e-4 * XtX.diagonal().mean() * torch.eye(X.shape[1], dtype=X.dtype),
+                                   X.T @ A["gamma"].flatten(1).double())
+
+            def lin_hat(d):
+                Xd = torch.cat([d["g_last"], torch.ones(len(d["g_last"]), 1)], 1).double()
+                return ((Xd @ R).float().view(d["comp"].shape) * d["comp"]).sum(-1)
+            res = {s: {**score(lin_hat(d).abs(), d),
+                       "corr_with_exact_linearized": round(float(torch.corrcoef(torch.stack(
+                           [lin_hat(d).flatten(), d["lin"].flatten()]))[0, 1]), 3)} for s, d in sets.items()}
+        elif name == "linearized_upper":
+            res = {s: score(predict(att.model, d) * (d["lin"].abs() + 1e-4) ** 0.5, d) for s, d in sets.items()}
+        elif name in ("mean_profile", "host_linearized"):
+            res = {s: score(D["train_mean_abs_drop"].expand_as(d["drop"]) if name == "mean_profile"
+                            else d["lin"].abs(), d) for s, d in sets.items()}
+        else:
+            known = [*VARIANTS, "as_loaded", "gradient", "linearized_upper", "mean_profile", "host_linearized"]
+            raise SystemExit(f"unknown variant {name!r}: {', '.join(known)}")
+        print(json.dumps({"variant": name, **res, "seconds": round(time.time() - t0)}), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("prep")
+    a.add_argument("--trace", required=True, help="training trace with .labels (and .gradients) beside it")
+    a.add_argument("--out", required=True)
+    b = sub.add_parser("run")
+    b.add_argument("--data", required=True, help="prep's output")
+    b.add_argument("variants", nargs="+")
+    for q in (a, b):
+        q.add_argument("--base", help="probe whose trunk is used (default: the shipped one)")
+        q.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    prep(args) if args.cmd == "prep" else run(args)
+
+
+if __name__ == "__main__":
+    main()
