@@ -337,8 +337,9 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
     head_names = [n for n in HEADLINE_SETS if n in per_set] or list(per_set)
     head = summarise(head_names)
     if reuse_depth:
-        if reuse_depth["headline_sets"] != head_names or set(reuse_depth["by_set"]) != set(by_set):
-            raise ValueError("reuse_depth: the earlier result was measured on other sets")
+        same_tokens = all(reuse_depth["by_set"].get(n, {}).get("tokens") == by_set[n]["tokens"] for n in by_set)
+        if reuse_depth["headline_sets"] != head_names or set(reuse_depth["by_set"]) != set(by_set) or not same_tokens:
+            raise ValueError("reuse_depth: the earlier result was measured on other sets (names or token counts differ)")
         head["depth"] = reuse_depth["headline"]["depth"]
         for n in by_set:
             by_set[n]["depth"] = reuse_depth["by_set"][n]["depth"]

@@ -90,3 +90,7 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="trunk or readout differs"):
         main(["probe", "eval", "--probe", str(head), "--model", str(tiny_checkpoint), "--data", f"tiny={trace}",
               "--boot", "20", "--depth-from", str(act_only), "--json"])
+    with pytest.raises(ValueError, match="token counts differ"):  # depth curves of other tokens are not reused
+        main(["probe", "eval", "--probe", str(head), "--model", str(tiny_checkpoint), "--data", f"tiny={trace}",
+              "--ablation-per-prompt", "2", "--boot", "20", "--tokens-per-set", "5", "--depth-from", str(artifact),
+              "--json"])
