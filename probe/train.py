@@ -81,6 +81,12 @@ def set_statistics(model: ProbeModel, data: TokenSet, factors: SvdFactors) -> No
     g_std = data.g_out.std(0)
     model.g_out_std.copy_(g_std.clamp_min(g_std.mean() * 1e-3 + 1e-12))
     model.comp_scale.copy_(component_scale(factors))
+    init_head_bias(model, data)
+
+
+def init_head_bias(model: ProbeModel, data: TokenSet) -> None:
+    """The importance head's per-pair bias started at the mean log-magnitude targets: u at the
+    ablation labels', v at the linearized labels' (each where the data carry them)."""
     with torch.no_grad():
         if data.drop is not None:
             model.i_bias[..., 0] = model.log_magnitude(data.drop[data.labeled]).mean(0)
@@ -296,10 +302,8 @@ def retrain_head(host: Host, data: TokenSet, model: ProbeModel, cfg: TrainConfig
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(HEAD_PREFIX):
-                p.copy_(dict(fresh.named_parameters())[name])
-        model.i_bias[..., 0] = model.log_magnitude(data.drop[labeled]).mean(0)
-        if data.lin is not None:
-            model.i_bias[..., 1] = model.log_magnitude(data.lin[data.has_lin]).mean(0)
+                p.copy_(fresh.get_parameter(name))
+    init_head_bias(model, data)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(HEAD_PREFIX))
     use_lin = data.lin is not None and cfg.linearized_weight > 0
@@ -311,21 +315,23 @@ def retrain_head(host: Host, data: TokenSet, model: ProbeModel, cfg: TrainConfig
                             for s in range(0, len(data), 256)])
     tok = token_features(data.host_logprob, data.cand_logits)
     lin_rows = torch.nonzero(data.has_lin).squeeze(1) if use_lin else None
+
+    def head(rows: Tensor) -> Tensor:
+        """The head's [u, v] log-magnitudes [B, L, 3, 2] for `rows` of the data."""
+        return model.importance(states[rows], model.pair_features(data.alpha[rows], data.g_out[rows], tok[rows],
+                                                                  None if data.dla is None else data.dla[rows]),
+                                host.W_U[data.token_ids[rows]])
     ema: dict[str, float] = {}
     steps_done, stopped_early = 0, False
     for step in tqdm(range(cfg.steps), desc="train head", disable=not progress):
         b = labeled[torch.randint(0, labeled.numel(), (cfg.ablation_batch_size,), generator=gen)]
-        u = model.importance(states[b], model.pair_features(data.alpha[b], data.g_out[b], tok[b],
-                                                            None if data.dla is None else data.dla[b]),
-                             host.W_U[data.token_ids[b]])[..., 0]
+        u = head(b)[..., 0]
         loss = cfg.ablation_weight * ablation_loss(u, model.log_magnitude(data.drop[b]), cfg.rank_weight,
                                                    cfg.rank_temperature, cfg.centred_weight)
         ema["ablation"] = 0.98 * ema.get("ablation", loss.item()) + 0.02 * loss.item()
         if use_lin:
             c = lin_rows[torch.randint(0, lin_rows.numel(), (cfg.batch_size,), generator=gen)]
-            v = model.importance(states[c], model.pair_features(data.alpha[c], data.g_out[c], tok[c],
-                                                                None if data.dla is None else data.dla[c]),
-                                 host.W_U[data.token_ids[c]])[..., 1]
+            v = head(c)[..., 1]
             loss_lin = F.mse_loss(v, model.log_magnitude(data.lin[c]))
             loss = loss + cfg.linearized_weight * loss_lin
             ema["linearized"] = 0.98 * ema.get("linearized", loss_lin.item()) + 0.02 * loss_lin.item()

@@ -182,9 +182,9 @@ def _eval(args: argparse.Namespace) -> int:
                       tokens_per_set=args.tokens_per_set, n_boot=args.boot, reuse_depth=reuse_depth)
     result["probe"] = str(artifact)
     result["tuned_lens"] = lens_summary
-    result["activation_only_probe"] = args.activation_only
+    result["activation_only_probe"] = args.activation_only if reuse_depth is None else reuse_depth.get(
+        "activation_only_probe")
     if reuse_depth is not None:
-        result["activation_only_probe"] = reuse_depth.get("activation_only_probe")
         result["depth_reused_from"] = str(args.depth_from)
     if args.write:
         update_metadata(artifact, evaluation=result)
