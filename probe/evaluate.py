@@ -203,7 +203,7 @@ def default_eval_sets(model_tf: nn.Module, tokenizer, fingerprint: str, max_toke
             for name, source, temp in EVAL_SETS]
 
 
-def _ablate(ablator: FastAblator, trace_path: Path, per_prompt: int, seed: int,
+def cached_ablations(ablator: FastAblator, trace_path: Path, per_prompt: int, seed: int,
             progress: bool) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """Ablations of up to `per_prompt` random rows of every prompt of a trace:
     (row indices into the trace's token order per prompt, drop [A, L, 3], lin [A, L, 3], resid_mid [A, L, d]).
@@ -226,6 +226,16 @@ def _ablate(ablator: FastAblator, trace_path: Path, per_prompt: int, seed: int,
                "lin": lin, "resid_mid": mid}, str(tmp))
     tmp.replace(cache)
     return rows, drop, lin, mid
+
+
+def ablated_rows(data: TokenSet, rows: list[Tensor]) -> Tensor:
+    """Indices into `data` of cached_ablations' per-prompt row indices; len(data) for a prompt that
+    `data` does not hold. A trace prompt's rows are contiguous in `data`, in prompt order (prompts
+    past a token limit are absent, and the last one present may be cut short)."""
+    order = torch.unique(data.prompt_index)
+    first = {int(p): int(torch.nonzero(data.prompt_index == p)[0]) for p in order}
+    return torch.cat([first[int(order[j])] + r if j < order.numel() else torch.full_like(r, len(data))
+                      for j, r in enumerate(rows)])
 
 
 def _ablate_uncached(ablator: FastAblator, trace_path: Path, per_prompt: int, seed: int,
@@ -284,13 +294,8 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
                  " (reused)" if reuse_depth else "")
         depth = {} if reuse_depth else depth_per_token(att, readouts, data)
         log.info("ablation: %s, %d pairs at up to %d positions per prompt", name, 3 * L, ablation_per_prompt)
-        rows, drop, lin, mid = _ablate(ablator, path, ablation_per_prompt, seed, progress)
-        # a trace prompt's rows are contiguous in `data`, in prompt order (prompts past
-        # tokens_per_set are absent, and the last one present may be cut short)
-        order = torch.unique(data.prompt_index)
-        first = {int(p): int(torch.nonzero(data.prompt_index == p)[0]) for p in order}
-        idx = torch.cat([first[int(order[j])] + r if j < order.numel() else torch.full_like(r, len(data))
-                         for j, r in enumerate(rows)])
+        rows, drop, lin, mid = cached_ablations(ablator, path, ablation_per_prompt, seed, progress)
+        idx = ablated_rows(data, rows)
         keep = idx < len(data)
         idx, drop, lin, mid = idx[keep], drop[keep], lin[keep], mid[keep]
         sub = data.subset(idx)
@@ -304,7 +309,8 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
             prof = torch.tensor(mean_profile).expand_as(drop)
             scorers["mean_profile"] = prof
             scorers["mean_profile_uncertainty"] = prof * (1 - p_y)[:, None, None]
-        per_set[name] = {"tokens": len(data), "prompts": int(order.numel()), "depth": depth, "drop": drop,
+        per_set[name] = {"tokens": len(data), "prompts": int(torch.unique(data.prompt_index).numel()),
+                         "depth": depth, "drop": drop,
                          "scorers": scorers, "groups": set_index * 1_000_000 + sub.prompt_index,
                          "depth_groups": set_index * 1_000_000 + data.prompt_index,
                          "crystallization": out_t["crystallization_depth"].float()}
@@ -339,7 +345,8 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
     if reuse_depth:
         same_tokens = all(reuse_depth["by_set"].get(n, {}).get("tokens") == by_set[n]["tokens"] for n in by_set)
         if reuse_depth["headline_sets"] != head_names or set(reuse_depth["by_set"]) != set(by_set) or not same_tokens:
-            raise ValueError("reuse_depth: the earlier result was measured on other sets (names or token counts differ)")
+            raise ValueError("reuse_depth: the earlier result was measured on other sets "
+                             "(names or token counts differ)")
         head["depth"] = reuse_depth["headline"]["depth"]
         for n in by_set:
             by_set[n]["depth"] = reuse_depth["by_set"][n]["depth"]

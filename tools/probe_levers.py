@@ -11,8 +11,9 @@ faithfulness evaluation. What it measured on SmolLM2 is in docs/benchmarks/probe
     python -m tools.probe_levers prep --trace TRAIN.safetensors --out levers.pt   # ~5 min, ~3 GB RAM
     python -m tools.probe_levers run --data levers.pt base frac34 centred1 ...    # ~1 min per variant
 
-`prep` needs the evaluation's cached sets and their ablations (run `alignlens probe eval` once) and
-the trace's labels (`alignlens probe label`); `run` prints one JSON line per variant: held-out kinds
+`prep` reads the evaluation's own cached sets and ablations (probe.evaluate.default_eval_sets and
+cached_ablations: made, slowly, when `alignlens probe eval` never ran) and the trace's labels
+(`alignlens probe label`); `run` prints one JSON line per variant: held-out kinds
 (the evaluation's headline sets) and the in-distribution split (use that one to choose, so the
 headline stays a test). Variants: VARIANTS below, plus `gradient` (an amortized host gradient:
 gamma = d log p(y)/d(family vector) regressed on the output gradient, ridge, then gamma . comp as
@@ -35,10 +36,16 @@ import torch.nn.functional as F
 from alignlens.probe.artifact import default_artifact_path
 from alignlens.probe.attribution import Attributor
 from alignlens.probe.data import build_dataset, component_scale, prompt_indices
-from alignlens.probe.evaluate import EVAL_SETS, bootstrap_groups, faithfulness_report
+from alignlens.probe.evaluate import (
+    ablated_rows,
+    bootstrap_groups,
+    cached_ablations,
+    default_eval_sets,
+    faithfulness_report,
+)
+from alignlens.probe.fast_ablation import FastAblator
 from alignlens.probe.features import output_gradient
 from alignlens.probe.model import ProbeModel, token_features
-from alignlens.probe.paths import alignlens_home
 from alignlens.probe.train import HEAD_PREFIX
 from alignlens.service.modelstore import resolve_model
 
@@ -57,32 +64,16 @@ VARIANTS = {
 HEADLINE = ("heldout_kinds_t0", "heldout_kinds_t08")
 
 
-def _eval_sets(fingerprint: str) -> dict[str, tuple[Path, Path]]:
-    """The evaluation's cached sets, {name: (trace, ablations)}, found by their metadata."""
-    from safetensors import safe_open
-
-    found = {}
-    for path in sorted((alignlens_home() / "probe-eval").glob(f"{fingerprint[:16]}-*.safetensors")):
-        if ".ablations-" in path.name:
-            continue
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        for name, source, temp in EVAL_SETS:
-            if meta.get("split") == source and float(meta.get("temperature", -1)) == temp:
-                abl = sorted(path.parent.glob(f"{path.stem}.ablations-*-8-0.safetensors"))
-                if abl:
-                    found[name] = (path, abl[0])
-    return found
-
-
 @torch.no_grad()
 def prep(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
     ck = resolve_model("default")
     att = Attributor.load(args.base or default_artifact_path(ck), ck)
     h, m = att.host, att.model
+    replica = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
     scale = component_scale(att.factors)
 
     def pack(ds, idx):
@@ -104,16 +95,16 @@ def prep(args: argparse.Namespace) -> None:
         G = load_file(str(grads))
         out["train_all"]["gamma"] = torch.cat([G[f"{i}.gamma"].float() for i in prompt_indices(args.trace)])
     del tr
-    for name, (trace, abl) in _eval_sets(att.metadata["host_fingerprint"]).items():
+    ablator = FastAblator(replica, att.factors.basis, h.attn_out_bias)
+    # the evaluation's own sets and cached ablations (made, slowly, if `probe eval` never ran)
+    tokenizer = AutoTokenizer.from_pretrained(str(ck))
+    for name, trace in default_eval_sets(replica, tokenizer, att.metadata["host_fingerprint"]):
         ds = build_dataset(h, att.factors, [trace], top_k=att.top_k)
-        t = load_file(str(abl))
-        rows = list(torch.split(t["rows"], t["counts"].tolist()))
-        order = torch.unique(ds.prompt_index)
-        first = {int(p): int(torch.nonzero(ds.prompt_index == p)[0]) for p in order}
-        idx = torch.cat([first[int(order[j])] + r for j, r in enumerate(rows)])
+        rows, drop, lin, _ = cached_ablations(ablator, trace, 8, 0, progress=True)
+        idx = ablated_rows(ds, rows)
         ds.drop, ds.lin = None, None
         out[name] = pack(ds, idx)
-        out[name]["drop"], out[name]["lin"] = t["drop"], t["lin"]
+        out[name]["drop"], out[name]["lin"] = drop, lin
         print(name, len(idx), "ablated tokens", flush=True)
     torch.save(out, args.out)
     print("saved", args.out)
