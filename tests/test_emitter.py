@@ -107,7 +107,7 @@ def test_idle_helper_piece_stuck_is_recomputed_and_sent_once(monkeypatch, pinned
 
     monkeypatch.setattr(capture, "build_message", fake_build)
     monkeypatch.setattr(capture, "send_message", lambda message: sent.append(message["step"]))
-    emitter = BackgroundEmitter(idle_helper=True)
+    emitter = BackgroundEmitter(idle_helper=True, helper_takes_generation=False)
     assert emitter.helper is not None
     gen_rows, gen_tensors = _rows([GEN])
     rows, tensors = _rows([REPLAY])
@@ -125,3 +125,62 @@ def test_idle_helper_piece_stuck_is_recomputed_and_sent_once(monkeypatch, pinned
     release_helper.set()  # the helper finishes piece 1 late: not sent a second time
     assert emitter.wait_idle(10)
     assert sorted(sent) == [0, 1, 2, 3]
+
+
+def _thread_per_step(monkeypatch, gate: threading.Event | None = None) -> tuple[dict[int, list[str]], list[int]]:
+    """build_message that records which threads built each step (optionally blocking the helper
+    on `gate`), and send_message that records the steps sent."""
+    built: dict[int, list[str]] = {}
+    sent: list[int] = []
+
+    def fake_build(step, rows, tensors, heads=None):
+        built.setdefault(step, []).append(threading.current_thread().name)
+        if gate is not None and threading.current_thread().name == "alignlens-idle-helper":
+            gate.wait(10)  # a helper whose core a step took
+        return {"step": step}
+
+    monkeypatch.setattr(capture, "build_message", fake_build)
+    monkeypatch.setattr(capture, "send_message", lambda message: sent.append(message["step"]))
+    return built, sent
+
+
+def test_generation_goes_to_the_idle_helper_between_steps(monkeypatch, pinned_to_first_core):
+    built, sent = _thread_per_step(monkeypatch)
+    monkeypatch.setattr(capture.STATE, "in_step", False)
+    emitter = BackgroundEmitter(idle_helper=True, helper_takes_generation=True)
+    gen_rows, gen_tensors = _rows([GEN])
+    for step in range(5):
+        emitter.submit(step, gen_rows, gen_tensors, GEN_PRIORITY)
+        time.sleep(0.02)
+    assert emitter.wait_idle(10)
+    assert sorted(sent) == list(range(5))
+    assert all(names == ["alignlens-idle-helper"] for names in built.values()), built
+
+
+def test_generation_during_a_step_goes_to_the_emitter_thread(monkeypatch, pinned_to_first_core):
+    built, sent = _thread_per_step(monkeypatch)
+    monkeypatch.setattr(capture.STATE, "in_step", True)  # the next step runs: the helper's core is taken
+    emitter = BackgroundEmitter(idle_helper=True, helper_takes_generation=True)
+    gen_rows, gen_tensors = _rows([GEN])
+    t0 = time.monotonic()
+    emitter.submit(1, gen_rows, gen_tensors, GEN_PRIORITY)
+    assert emitter.wait_idle(10)
+    assert time.monotonic() - t0 >= capture.GEN_HANDOFF_S  # left to the helper first
+    assert built == {1: ["alignlens-emitter"]} and sent == [1]
+
+
+def test_generation_held_by_a_preempted_helper_is_recomputed_and_sent_once(monkeypatch, pinned_to_first_core):
+    gate = threading.Event()
+    built, sent = _thread_per_step(monkeypatch, gate)
+    monkeypatch.setattr(capture.STATE, "in_step", False)
+    emitter = BackgroundEmitter(idle_helper=True, helper_takes_generation=True)
+    gen_rows, gen_tensors = _rows([GEN])
+    t0 = time.monotonic()
+    emitter.submit(1, gen_rows, gen_tensors, GEN_PRIORITY)
+    while sent != [1] and time.monotonic() - t0 < 10:
+        time.sleep(0.005)
+    assert sent == [1] and time.monotonic() - t0 >= capture.GEN_STEAL_S
+    assert built[1] == ["alignlens-idle-helper", "alignlens-emitter"]
+    gate.set()  # the helper finishes late: not sent a second time
+    assert emitter.wait_idle(10)
+    assert sent == [1]

@@ -10,6 +10,8 @@ faithfulness evaluation. What it measured on SmolLM2 is in docs/benchmarks/probe
 
     python -m tools.probe_levers prep --trace TRAIN.safetensors --out levers.pt   # ~5 min, ~3 GB RAM
     python -m tools.probe_levers run --data levers.pt base frac34 centred1 ...    # ~1 min per variant
+    python -m tools.probe_levers prep-attention --trace TRAIN.safetensors --data levers.pt  # ~10 min
+    python -m tools.probe_levers run --data levers.pt head_writes attention_stats
 
 `prep` reads the evaluation's own cached sets and ablations (probe.evaluate.default_eval_sets and
 cached_ablations: made, slowly, when `alignlens probe eval` never ran) and the trace's labels
@@ -19,6 +21,16 @@ headline stays a test). Variants: VARIANTS below, plus `gradient` (an amortized 
 gamma = d log p(y)/d(family vector) regressed on the output gradient, ridge, then gamma . comp as
 the linearized effect) and `linearized_upper` (the head's prediction times the EXACT linearized
 effect, which the server cannot compute: an upper bound for any amortized gradient).
+
+Per-block attention statistics (METHOD.md's lever list; `prep-attention` computes them on the
+transformers replica with eager attention, for exactly the rows `prep` packed, into
+`<data>.attention.pt`): per block and head at the decision position, the attention pattern's
+entropy, its weight on the first position (the attention sink), on the position itself and its
+largest weight, and the log-norm of the head's write W_O[:, h] z_h. Variants: `head_writes` (the
+write norms only: the engine captures the heads' outputs, so these could be served) and
+`attention_stats` (all five; the pattern statistics would need the attention probabilities, which
+vLLM's attention kernels never materialise). Each enters the head as extra per-pair inputs,
+standardized on the training rows and shared by the block's three families.
 """
 
 from __future__ import annotations
@@ -61,7 +73,87 @@ VARIANTS = {
     "centred1_bs64": dict(centred=1.0, bs=64, steps=4000),
     "centred1_rank05": dict(centred=1.0, rank_weight=0.5),
 }
+# name: which per-block statistics of prep-attention the head reads (slices of its last axis)
+STAT_VARIANTS = {"head_writes": "writes", "attention_stats": "all"}
 HEADLINE = ("heldout_kinds_t0", "heldout_kinds_t08")
+N_PATTERN_STATS = 4  # per head: entropy, weight on position 0, on the position itself, largest weight
+
+
+@torch.no_grad()
+def attention_statistics(replica, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[R, L, 5H] per-block statistics at `positions` [R] of `seq` [T] (see the module docstring):
+    H entropies, H sink weights, H self weights, H largest weights, then H log write norms."""
+    from alignlens.probe.replica import decoder_layers
+
+    layers, arch = decoder_layers(replica)
+    if arch != "llama":
+        raise SystemExit("prep-attention reads Llama-style attention modules (self_attn.o_proj)")
+    z: list[torch.Tensor | None] = [None] * len(layers)
+
+    def keep(i):
+        def hook(_m, args):
+            z[i] = args[0][0]
+        return hook
+
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(keep(i)) for i, layer in enumerate(layers)]
+    try:
+        out = replica(input_ids=seq.view(1, -1), use_cache=False, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = []
+    for i, layer in enumerate(layers):
+        a = out.attentions[i][0][:, positions]  # [H, R, T]
+        H = a.shape[0]
+        ent = -(a * torch.log(a.clamp_min(1e-12))).sum(-1)
+        own = a.gather(2, positions.view(1, -1, 1).expand(H, -1, 1)).squeeze(2)
+        W_O = layer.self_attn.o_proj.weight  # [d, H * head_dim]
+        zh = z[i][positions].view(len(positions), H, -1)  # [R, H, head_dim]
+        writes = torch.einsum("rhe,dhe->rhd", zh, W_O.view(W_O.shape[0], H, -1)).norm(dim=-1)  # [R, H]
+        stats.append(torch.cat([ent.T, a[:, :, 0].T, own.T, a.amax(-1).T, torch.log(writes + 1e-6)], dim=1))
+    return torch.stack(stats, dim=1).float()
+
+
+def prep_attention(args: argparse.Namespace) -> None:
+    """attention_statistics for every row `prep` packed into --data, in the same order."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlens.probe.data import decision_inputs, labels_path, read_prompt
+
+    torch.set_num_threads(args.threads)
+    ck = resolve_model("default")
+    att = Attributor.load(args.base or default_artifact_path(ck), ck)
+    replica = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32, attn_implementation="eager").eval()
+    D = torch.load(args.data)
+
+    def rows_of(trace, per_prompt: list[torch.Tensor]) -> torch.Tensor:
+        out = []
+        for i, r in zip(prompt_indices(trace), per_prompt):
+            if r.numel():
+                seq, pos, _ = decision_inputs(read_prompt(trace, i), r)
+                out.append(attention_statistics(replica, seq, pos))
+        return torch.cat(out)
+
+    labels = load_file(str(labels_path(args.trace)))
+    T = {i: read_prompt(args.trace, i)["token_ids"].shape[0] for i in prompt_indices(args.trace)}
+    train_rows = [labels[f"{i}.rows"].sort().values if f"{i}.rows" in labels else torch.zeros(0, dtype=torch.long)
+                  for i in prompt_indices(args.trace)]
+    train_rows = [r[r < T[i]] for i, r in zip(prompt_indices(args.trace), train_rows)]
+    stats = {"train": rows_of(args.trace, train_rows)}
+    tokenizer = AutoTokenizer.from_pretrained(str(ck))
+    ablator = FastAblator(replica, att.factors.basis, att.host.attn_out_bias)
+    for name, trace in default_eval_sets(replica, tokenizer, att.metadata["host_fingerprint"]):
+        if name in D:
+            rows, *_ = cached_ablations(ablator, trace, 8, 0, progress=False)
+            stats[name] = rows_of(trace, rows)
+    for name, t in stats.items():
+        if t.shape[0] != D[name]["drop"].shape[0]:
+            raise SystemExit(f"{name}: {t.shape[0]} rows of statistics for {D[name]['drop'].shape[0]} packed rows")
+        print(name, tuple(t.shape), flush=True)
+    out = Path(args.data).with_suffix(".attention.pt")
+    torch.save(stats, out)
+    print("saved", out)
 
 
 @torch.no_grad()
@@ -123,12 +215,28 @@ def run(args: argparse.Namespace) -> None:
     W_U = att.host.W_U
     D = torch.load(args.data)
     centre = D["train_mean_abs_drop"].flatten()
+    attention = Path(args.data).with_suffix(".attention.pt")
+    if attention.is_file():  # prep-attention's per-block statistics, standardized on the training rows
+        S = torch.load(attention)
+        mu, sd = S["train"].mean(0), S["train"].std(0).clamp_min(1e-4)
+        for name, t in S.items():
+            D[name]["stats"] = (t - mu) / sd
     sets = {"heldout_kinds": _pool(D, HEADLINE), "in_distribution": D["in_distribution_t08"]}
 
-    def predict(model: ProbeModel, d: dict) -> torch.Tensor:
+    def feats(model: ProbeModel, d: dict, b=slice(None), stats: str | None = None):
+        phi, s = model.pair_features(d["alpha"][b], d["g_out"][b], d["tok"][b], d["dla"][b])
+        if stats is not None:
+            if "stats" not in d:
+                raise SystemExit(f"no {attention}: run prep-attention first")
+            x = d["stats"][b]
+            if stats == "writes":
+                x = x[..., N_PATTERN_STATS * (x.shape[-1] // (N_PATTERN_STATS + 1)):]
+            phi = torch.cat([phi, x[:, :, None].expand(-1, -1, 3, -1)], dim=-1)
+        return phi, s
+
+    def predict(model: ProbeModel, d: dict, stats: str | None = None) -> torch.Tensor:
         with torch.no_grad():
-            u = model.importance(d["states"], model.pair_features(d["alpha"], d["g_out"], d["tok"], d["dla"]),
-                                 W_U[d["token_ids"]])[..., 0]
+            u = model.importance(d["states"], feats(model, d, stats=stats), W_U[d["token_ids"]])[..., 0]
         return model.attribution(u)
 
     def score(pred: torch.Tensor, d: dict) -> dict:
@@ -136,7 +244,8 @@ def run(args: argparse.Namespace) -> None:
         return {k: [round(v["value"], 3), [round(x, 3) for x in v["ci"]]] for k, v in r.items()
                 if k in ("per_token_spearman", "share_centered_spearman", "top_pair_hit")}
 
-    def train_head(frac=1.0, steps=3000, rank_weight=0.0, centred=0.0, lr=2e-3, seed=0, lin_weight=0.5, bs=32):
+    def train_head(frac=1.0, steps=3000, rank_weight=0.0, centred=0.0, lr=2e-3, seed=0, lin_weight=0.5, bs=32,
+                   stats: str | None = None):
         from alignlens.probe.train import ablation_loss
 
         torch.manual_seed(seed)
@@ -148,6 +257,11 @@ def run(args: argparse.Namespace) -> None:
                 if n.startswith(HEAD_PREFIX) and n != "i_bias":
                     p.copy_(fresh.get_parameter(n))
             model.i_bias[..., 0] = model.log_magnitude(tr["drop"]).mean(0)
+        if stats is not None:  # wider input map A_f for the extra per-pair inputs
+            n_in = feats(model, tr, slice(0, 1), stats)[0].shape[-1]
+            extra = torch.randn(3, n_in - model.i_in.shape[1], model.i_in.shape[2], generator=torch.Generator()
+                                .manual_seed(seed)) / n_in ** 0.5
+            model.i_in = torch.nn.Parameter(torch.cat([model.i_in.detach(), extra], dim=1))
         for n, p in model.named_parameters():
             p.requires_grad_(n.startswith(HEAD_PREFIX))
         g = torch.Generator().manual_seed(seed)
@@ -157,8 +271,7 @@ def run(args: argparse.Namespace) -> None:
             1 + math.cos(math.pi * min(1.0, s / steps))))
         for _ in range(steps):
             b = keep[torch.randint(0, keep.numel(), (bs,), generator=g)]
-            out = model.importance(tr["states"][b], model.pair_features(tr["alpha"][b], tr["g_out"][b], tr["tok"][b],
-                                                                        tr["dla"][b]), W_U[tr["token_ids"][b]])
+            out = model.importance(tr["states"][b], feats(model, tr, b, stats), W_U[tr["token_ids"][b]])
             loss = ablation_loss(out[..., 0], model.log_magnitude(tr["drop"][b]), rank_weight, 0.5, centred)
             if lin_weight:
                 loss = loss + lin_weight * F.mse_loss(out[..., 1], model.log_magnitude(tr["lin"][b]))
@@ -174,6 +287,9 @@ def run(args: argparse.Namespace) -> None:
         if name in VARIANTS or name == "as_loaded":
             model = att.model if name == "as_loaded" else train_head(**VARIANTS[name])
             res = {s: score(predict(model, d), d) for s, d in sets.items()}
+        elif name in STAT_VARIANTS:
+            model = train_head(stats=STAT_VARIANTS[name])
+            res = {s: score(predict(model, d, STAT_VARIANTS[name]), d) for s, d in sets.items()}
         elif name == "gradient":
             A = D["train_all"]
             X = torch.cat([A["g_last"], torch.ones(len(A["g_last"]), 1)], 1).double()
@@ -193,7 +309,7 @@ def run(args: argparse.Namespace) -> None:
             res = {s: score(D["train_mean_abs_drop"].expand_as(d["drop"]) if name == "mean_profile"
                             else d["lin"].abs(), d) for s, d in sets.items()}
         else:
-            known = [*VARIANTS, "as_loaded", "gradient", "linearized_upper", "mean_profile", "host_linearized"]
+            known = [*VARIANTS, *STAT_VARIANTS, "as_loaded", "gradient", "linearized_upper", "mean_profile", "host_linearized"]
             raise SystemExit(f"unknown variant {name!r}: {', '.join(known)}")
         print(json.dumps({"variant": name, **res, "seconds": round(time.time() - t0)}), flush=True)
 
@@ -204,14 +320,17 @@ def main() -> None:
     a = sub.add_parser("prep")
     a.add_argument("--trace", required=True, help="training trace with .labels (and .gradients) beside it")
     a.add_argument("--out", required=True)
+    c = sub.add_parser("prep-attention")
+    c.add_argument("--trace", required=True, help="the training trace prep read")
+    c.add_argument("--data", required=True, help="prep's output; writes <data>.attention.pt beside it")
     b = sub.add_parser("run")
     b.add_argument("--data", required=True, help="prep's output")
     b.add_argument("variants", nargs="+")
-    for q in (a, b):
+    for q in (a, b, c):
         q.add_argument("--base", help="probe whose trunk is used (default: the shipped one)")
         q.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    prep(args) if args.cmd == "prep" else run(args)
+    {"prep": prep, "prep-attention": prep_attention, "run": run}[args.cmd](args)
 
 
 if __name__ == "__main__":

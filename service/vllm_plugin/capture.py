@@ -126,8 +126,11 @@ def _before_step(finished_req_ids) -> None:
 
 
 def _after_step() -> None:
-    STATE.in_step = False
-    STATE.step_ended_at = time.monotonic()
+    st = STATE
+    st.in_step = False
+    st.step_ended_at = time.monotonic()
+    if st.emitter is not None:
+        st.emitter.step_ended()
 
 
 def attach(runner, sender: CaptureSender | None, attributor=None, background: bool = True,

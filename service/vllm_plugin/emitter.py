@@ -152,13 +152,21 @@ class _WorkItem:
     rows: list[Row]
     tensors: torch.Tensor
     heads: torch.Tensor | None = None
+    queued_at: float = 0.0  # time.monotonic() at submit
     taken_at: float = 0.0  # when the idle-core helper took it (0: not taken by the helper)
     stolen: bool = False  # the emitter thread is computing it too
     sent: bool = False
 
 
 STEAL_AFTER_S = 0.25  # a helper item older than this is recomputed by the emitter thread when it is idle
-ENGINE_IDLE_S = 0.01  # the helper takes a piece only when no step ran for this long
+ENGINE_IDLE_S = 0.01  # the helper takes a replay piece only when no step ran for this long
+# Generation items go to the idle-core helper first (BackgroundEmitter, "generation rows"): the
+# emitter thread takes one only once it has waited this long, i.e. when the next step started at
+# once or the helper is busy ...
+GEN_HANDOFF_S = 0.005
+# ... and recomputes one the helper has held this long (a step started and took the helper's core).
+GEN_STEAL_S = 0.1
+GEN_TO_HELPER_ENV = "ALIGNLENS_HELPER_TAKES_GENERATION"
 
 
 def _name_os_thread(name: str) -> None:
@@ -193,9 +201,16 @@ class BackgroundEmitter:
       helper piece older than STEAL_AFTER_S, and whichever finishes first sends it.
     For an Audit this pipelines the replay: with chunked prefill the probe attributes chunk c
     while the engine computes chunk c+1, and both cores finish the last chunk.
+
+    Generation rows (`helper_takes_generation`, on unless ALIGNLENS_HELPER_TAKES_GENERATION=0): the
+    worker's core idles between steps while the engine core, the server and the clients work on
+    the other one, so the helper takes each step's generation item as soon as the step ends. The
+    emitter thread takes it instead when nobody did within GEN_HANDOFF_S (the next step started
+    at once), and recomputes it when the helper has held it GEN_STEAL_S (a step preempted it);
+    the first to finish sends it. Measured in docs/benchmarks/http-vs-vllm.md.
     """
 
-    def __init__(self, idle_helper: bool = True):
+    def __init__(self, idle_helper: bool = True, helper_takes_generation: bool | None = None):
         self._gen: collections.deque[_WorkItem] = collections.deque()
         self._replay: collections.deque[_WorkItem] = collections.deque()
         self._helper_items: list[_WorkItem] = []
@@ -208,7 +223,11 @@ class BackgroundEmitter:
                                         daemon=True)
         self._thread.start()
         self.helper = None
+        if helper_takes_generation is None:
+            helper_takes_generation = os.environ.get(GEN_TO_HELPER_ENV, "1") != "0"
+        self._gen_to_helper = False  # set once the helper thread exists
         if idle_helper and self._cpus and hasattr(os, "SCHED_IDLE"):
+            self._gen_to_helper = helper_takes_generation
             self.helper = threading.Thread(target=self._run, args=(True, worker_cpus), name="alignlens-idle-helper",
                                            daemon=True)
             self.helper.start()
@@ -223,6 +242,9 @@ class BackgroundEmitter:
                 log.warning("alignlens %s could not move to cores %s: %s", "idle helper" if helper else "emitter",
                             sorted(cpus), exc)
                 if helper:
+                    with self._cv:
+                        self._gen_to_helper = False  # nobody else would take generation items early
+                        self._cv.notify_all()
                     return  # a helper at normal priority would slow the engine's own steps
         _name_os_thread("alignlens-idle" if helper else "alignlens-emit")
         torch.set_num_threads(1)
@@ -250,32 +272,50 @@ class BackgroundEmitter:
     def _take(self, helper: bool) -> _WorkItem:
         with self._cv:
             while True:
-                if not helper and self._gen:
+                now = time.monotonic()
+                wait = ENGINE_IDLE_S if helper else STEAL_AFTER_S / 2
+                if self._gen and helper and self._gen_to_helper and not STATE.in_step:
+                    item = self._gen.popleft()
+                    item.taken_at = now
+                    self._helper_items.append(item)
+                elif self._gen and not helper and (not self._gen_to_helper
+                                                   or now - self._gen[0].queued_at >= GEN_HANDOFF_S):
                     item = self._gen.popleft()
                 elif self._replay and (not helper or _engine_idle()):
                     item = self._replay.popleft()
                     if helper:
-                        item.taken_at = time.monotonic()
+                        item.taken_at = now
                         self._helper_items.append(item)
-                elif not helper and (item := self._stuck_helper_item()) is not None:
+                elif not helper and (item := self._stuck_helper_item(now)) is not None:
                     item.stolen = True
                 else:
-                    self._cv.wait(timeout=ENGINE_IDLE_S if helper else STEAL_AFTER_S / 2)
+                    if not helper and self._gen:  # left to the helper for now
+                        wait = max(GEN_HANDOFF_S - (now - self._gen[0].queued_at), 1e-4)
+                    elif not helper and any(i.rows[0].kind == Kind.GEN for i in self._helper_items):
+                        wait = GEN_STEAL_S / 4
+                    self._cv.wait(timeout=wait)
                     continue
                 self._busy += 1
                 return item
 
-    def _stuck_helper_item(self) -> _WorkItem | None:
-        now = time.monotonic()
+    def _stuck_helper_item(self, now: float) -> _WorkItem | None:
         for item in self._helper_items:
-            if not item.stolen and not item.sent and now - item.taken_at > STEAL_AFTER_S:
+            limit = GEN_STEAL_S if item.rows[0].kind == Kind.GEN else STEAL_AFTER_S
+            if not item.stolen and not item.sent and now - item.taken_at > limit:
                 return item
         return None
+
+    def step_ended(self) -> None:
+        """The engine's step ended (capture._after_step): the helper may take the step's items."""
+        if self._gen_to_helper:
+            with self._cv:
+                self._cv.notify_all()
 
     def submit(self, step: int, rows: list[Row], tensors: torch.Tensor, priority: int = GEN_PRIORITY,
                heads: torch.Tensor | None = None) -> None:
         with self._cv:
-            (self._gen if priority == GEN_PRIORITY else self._replay).append(_WorkItem(step, rows, tensors, heads))
+            (self._gen if priority == GEN_PRIORITY else self._replay).append(
+                _WorkItem(step, rows, tensors, heads, queued_at=time.monotonic()))
             self._cv.notify_all()
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
