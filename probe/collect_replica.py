@@ -100,14 +100,14 @@ def label_trace(model: nn.Module, basis: Tensor, attn_out_bias: Tensor, trace_pa
         rec = read_prompt(trace_path, i)
         T = rec["token_ids"].shape[0]
         rows = torch.randperm(T, generator=gen)[:rows_per_prompt].sort().values  # drawn even if skipped
-        have = labels.entries.get(f"{i}.rows", torch.empty(0, dtype=torch.long))
+        have = labels.get(f"{i}.rows", torch.empty(0, dtype=torch.long))
         missing = rows[~torch.isin(rows, have)]
         if missing.numel() == 0:
             continue
         base, drop = ablator.drops(*decision_inputs(rec, missing))
         new = {"rows": missing, "drop": drop.float(), "base_logprob": base.float()}
         if have.numel():  # merge with the rows labelled before, in row order
-            merged = {k: torch.cat([labels.entries[f"{i}.{k}"], v]) for k, v in new.items()}
+            merged = {k: torch.cat([labels.get(f"{i}.{k}"), v]) for k, v in new.items()}
             order = merged["rows"].argsort()
             new = {k: v[order] for k, v in merged.items()}
         labels.add({f"{i}.{k}": v for k, v in new.items()})
@@ -128,6 +128,10 @@ class _LabelFile:
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
+
+    def get(self, key: str, default: Tensor | None = None) -> Tensor | None:
+        """The entry `key` (e.g. "12.rows"), or `default` when it was never labelled."""
+        return self.entries.get(key, default)
 
     def add(self, entries: dict[str, Tensor]) -> None:
         self.entries.update(entries)

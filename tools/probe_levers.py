@@ -10,7 +10,7 @@ faithfulness evaluation. What it measured on SmolLM2 is in docs/benchmarks/probe
 
     python -m tools.probe_levers prep --trace TRAIN.safetensors --out levers.pt   # ~5 min, ~3 GB RAM
     python -m tools.probe_levers run --data levers.pt base frac34 centred1 ...    # ~1 min per variant
-    python -m tools.probe_levers prep-attention --trace TRAIN.safetensors --data levers.pt  # ~10 min
+    python -m tools.probe_levers prep-attention --trace TRAIN.safetensors --data levers.pt  # ~7 min
     python -m tools.probe_levers run --data levers.pt head_writes attention_stats
 
 `prep` reads the evaluation's own cached sets and ablations (probe.evaluate.default_eval_sets and
@@ -73,8 +73,9 @@ VARIANTS = {
     "centred1_bs64": dict(centred=1.0, bs=64, steps=4000),
     "centred1_rank05": dict(centred=1.0, rank_weight=0.5),
 }
-# name: which per-block statistics of prep-attention the head reads (slices of its last axis)
-STAT_VARIANTS = {"head_writes": "writes", "attention_stats": "all"}
+# name: the shipped recipe (centred1_bs64) plus per-block statistics of prep-attention
+STAT_VARIANTS = {"head_writes": dict(stats="writes", centred=1.0, bs=64, steps=4000),
+                 "attention_stats": dict(stats="all", centred=1.0, bs=64, steps=4000)}
 HEADLINE = ("heldout_kinds_t0", "heldout_kinds_t08")
 N_PATTERN_STATS = 4  # per head: entropy, weight on position 0, on the position itself, largest weight
 
@@ -288,8 +289,8 @@ def run(args: argparse.Namespace) -> None:
             model = att.model if name == "as_loaded" else train_head(**VARIANTS[name])
             res = {s: score(predict(model, d), d) for s, d in sets.items()}
         elif name in STAT_VARIANTS:
-            model = train_head(stats=STAT_VARIANTS[name])
-            res = {s: score(predict(model, d, STAT_VARIANTS[name]), d) for s, d in sets.items()}
+            model = train_head(**STAT_VARIANTS[name])
+            res = {s: score(predict(model, d, STAT_VARIANTS[name]["stats"]), d) for s, d in sets.items()}
         elif name == "gradient":
             A = D["train_all"]
             X = torch.cat([A["g_last"], torch.ones(len(A["g_last"]), 1)], 1).double()

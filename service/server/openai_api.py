@@ -47,7 +47,7 @@ from alignlens.probe.prompts import encode_prompt
 from alignlens.probe.record import Detail, TokenAttribution
 from alignlens.service.server import errors, security, validation
 from alignlens.service.server.errors import InvalidArgument
-from alignlens.service.server.servicer import ServerState, _options
+from alignlens.service.server.servicer import ServerState, capture_options
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ class OpenAIFrontEnd:
         async with state.admission.slot():
             m.queue_time.observe(time.perf_counter() - arrival)
             m.prompt_tokens.inc(len(job.prompt_ids))
-            options = _options(rid, job.detail)
+            options = capture_options(rid, job.detail)
             prompt_attrs = await self._prompt_attributions(job, engine, rid, options) if job.echo else {}
             sent_text, final, first, echoed = "", None, True, False
             # score-only: the one generated token is dropped, so it is not attributed either

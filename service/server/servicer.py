@@ -125,7 +125,7 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 last = arrival
                 final = None
                 served: dict[int, list[list[float]]] = {}  # for the verifier: index -> family_attribution
-                stream = engine.generate(rid, inp.prompt_ids, params, _options(rid, inp.detail, inp.interventions))
+                stream = engine.generate(rid, inp.prompt_ids, params, capture_options(rid, inp.detail, inp.interventions))
                 async with contextlib.aclosing(stream):
                     async for out, new in stream:
                         completion = out.outputs[0]
@@ -205,7 +205,7 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
             text = TokenText(state.limits.tokenizer, inp.prompt_ids)
             causal = set(inp.causal_indices)
             stream = engine.replay_stream(rid, inp.prompt_ids, inp.completion_ids,
-                                          _options(rid, inp.detail, inp.interventions))
+                                          capture_options(rid, inp.detail, inp.interventions))
             async with contextlib.aclosing(stream):
                 async for new in stream:  # records arrive while the engine computes later chunks
                     token = _audit_token(new)
@@ -222,7 +222,7 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
             return self.state.info
 
 
-def _options(rid: str, detail: Detail, interventions: tuple[Intervention, ...] = ()) -> CaptureOptions | None:
+def capture_options(rid: str, detail: Detail, interventions: tuple[Intervention, ...] = ()) -> CaptureOptions | None:
     """A request's options for the worker; None at detail NONE without interventions: served as stock vLLM."""
     if detail == Detail.NONE and not interventions:
         return None
