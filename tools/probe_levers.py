@@ -310,7 +310,8 @@ def run(args: argparse.Namespace) -> None:
             res = {s: score(D["train_mean_abs_drop"].expand_as(d["drop"]) if name == "mean_profile"
                             else d["lin"].abs(), d) for s, d in sets.items()}
         else:
-            known = [*VARIANTS, *STAT_VARIANTS, "as_loaded", "gradient", "linearized_upper", "mean_profile", "host_linearized"]
+            known = [*VARIANTS, *STAT_VARIANTS, "as_loaded", "gradient", "linearized_upper", "mean_profile",
+                     "host_linearized"]
             raise SystemExit(f"unknown variant {name!r}: {', '.join(known)}")
         print(json.dumps({"variant": name, **res, "seconds": round(time.time() - t0)}), flush=True)
 

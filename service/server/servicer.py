@@ -125,7 +125,8 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                 last = arrival
                 final = None
                 served: dict[int, list[list[float]]] = {}  # for the verifier: index -> family_attribution
-                stream = engine.generate(rid, inp.prompt_ids, params, capture_options(rid, inp.detail, inp.interventions))
+                stream = engine.generate(rid, inp.prompt_ids, params,
+                                         capture_options(rid, inp.detail, inp.interventions))
                 async with contextlib.aclosing(stream):
                     async for out, new in stream:
                         completion = out.outputs[0]

@@ -153,7 +153,7 @@ class _WorkItem:
     tensors: torch.Tensor
     heads: torch.Tensor | None = None
     queued_at: float = 0.0  # time.monotonic() at submit
-    taken_at: float = 0.0  # when the idle-core helper took it (0: not taken by the helper)
+    steal_at: float = 0.0  # when the idle-core helper took it: the time the emitter thread may recompute it
     stolen: bool = False  # the emitter thread is computing it too
     sent: bool = False
 
@@ -273,10 +273,9 @@ class BackgroundEmitter:
         with self._cv:
             while True:
                 now = time.monotonic()
-                wait = ENGINE_IDLE_S if helper else STEAL_AFTER_S / 2
                 if self._gen and helper and self._gen_to_helper and not STATE.in_step:
                     item = self._gen.popleft()
-                    item.taken_at = now
+                    item.steal_at = now + GEN_STEAL_S
                     self._helper_items.append(item)
                 elif self._gen and not helper and (not self._gen_to_helper
                                                    or now - self._gen[0].queued_at >= GEN_HANDOFF_S):
@@ -284,24 +283,30 @@ class BackgroundEmitter:
                 elif self._replay and (not helper or _engine_idle()):
                     item = self._replay.popleft()
                     if helper:
-                        item.taken_at = now
+                        item.steal_at = now + STEAL_AFTER_S
                         self._helper_items.append(item)
                 elif not helper and (item := self._stuck_helper_item(now)) is not None:
                     item.stolen = True
                 else:
-                    if not helper and self._gen:  # left to the helper for now
-                        wait = max(GEN_HANDOFF_S - (now - self._gen[0].queued_at), 1e-4)
-                    elif not helper and any(i.rows[0].kind == Kind.GEN for i in self._helper_items):
-                        wait = GEN_STEAL_S / 4
-                    self._cv.wait(timeout=wait)
+                    self._cv.wait(timeout=self._wait_s(helper, now))
                     continue
                 self._busy += 1
                 return item
 
+    def _wait_s(self, helper: bool, now: float) -> float:
+        """How long a thread with nothing to take sleeps unless notified: the helper polls for an
+        idle engine; the emitter thread wakes when a generation item's hand-off or a helper item's
+        steal time comes."""
+        if helper:
+            return ENGINE_IDLE_S
+        due = [i.steal_at for i in self._helper_items if not i.stolen and not i.sent]
+        if self._gen:
+            due.append(self._gen[0].queued_at + GEN_HANDOFF_S)
+        return max(min(due, default=now + STEAL_AFTER_S) - now, 1e-4)
+
     def _stuck_helper_item(self, now: float) -> _WorkItem | None:
         for item in self._helper_items:
-            limit = GEN_STEAL_S if item.rows[0].kind == Kind.GEN else STEAL_AFTER_S
-            if not item.stolen and not item.sent and now - item.taken_at > limit:
+            if not item.stolen and not item.sent and now >= item.steal_at:
                 return item
         return None
 
