@@ -80,6 +80,12 @@ def run_http_streams(base_url: str, model: str, n: int, max_tokens: int, prompts
             "ttft_p50_seconds": statistics.median(ttft) if ttft else None}
 
 
+def served_model_id(base_url: str) -> str:
+    """The id of the one model an OpenAI-compatible server at `base_url` (ending in /v1) serves."""
+    with urllib.request.urlopen(f"{base_url}/models", timeout=10) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
 # ratios reported repetition by repetition: the two modes of a pair ran minutes apart at most, in
 # the same repetition, so a drift of the shared machine cancels (the medians of each mode alone
 # need not come from the same repetition)
@@ -123,8 +129,7 @@ class StockVLLM:
         raise TimeoutError("stock vLLM did not become healthy")
 
     def model_id(self) -> str:
-        with urllib.request.urlopen(f"{self.base_url}/models", timeout=10) as r:
-            return json.loads(r.read())["data"][0]["id"]
+        return served_model_id(self.base_url)
 
     def stop(self) -> None:
         import signal
@@ -156,8 +161,7 @@ def bench(model: str, streams: list[int], grpc_streams: list[int], max_tokens: i
         ours.wait_serving()
         log.info("serve: alignlens SERVING after %.1f s", ours.start_seconds)
         ours_url = f"http://127.0.0.1:{http_port}/v1"
-        with urllib.request.urlopen(f"{ours_url}/models", timeout=10) as r:
-            ours_model = json.loads(r.read())["data"][0]["id"]
+        ours_model = served_model_id(ours_url)
         stock_model = stock.model_id()
         prompts = list(BENCH_PROMPTS)
         modes = {

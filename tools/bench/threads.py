@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import os
 import statistics
 import sys
-import urllib.request
 from pathlib import Path
 
 from tools.bench.engines import BENCH_PROMPTS
-from tools.bench.http import run_http_streams
+from tools.bench.http import run_http_streams, served_model_id
 from tools.serve_process import ServeProcess, free_port
 
 log = logging.getLogger("tools.bench.threads")
@@ -74,6 +72,25 @@ def measure(fn, names: dict[str, str] | None = None) -> dict:
             "ms_per_token": {k: 1000 * s / tokens for k, s in per_thread.most_common(12)}}
 
 
+def markdown(report: dict) -> str:
+    """Per-thread CPU ms per token, median over repetitions, attribution on beside off."""
+    runs = report["runs"]
+    lines = [f"{report['streams']} streams x {report['max_tokens']} tokens, {len(runs['on'])} repetitions per "
+             "mode; CPU ms per generated token, median over repetitions", "", "| thread | attribution on | off |",
+             "|---|---:|---:|"]
+
+    def med(mode, name):
+        return statistics.median(row["ms_per_token"].get(name, 0.0) for row in runs[mode])
+
+    threads = {k for rows in runs.values() for row in rows for k in row["ms_per_token"]}
+    for name in sorted(threads, key=lambda n: -med("on", n)):
+        if max(med("on", name), med("off", name)) >= 0.05:
+            lines.append(f"| {name} | {med('on', name):.2f} | {med('off', name):.2f} |")
+    tps = {m: statistics.median(r["tokens_per_second"] for r in rows) for m, rows in runs.items()}
+    lines += ["", f"tokens/s: on {tps['on']:.1f}, off {tps['off']:.1f} (on / off {tps['on'] / tps['off']:.3f})"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m tools.bench.threads", description=__doc__.split("\n\n")[0])
@@ -83,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--env", action="append", default=[], help="K=V for the server's environment (repeatable)")
     p.add_argument("--json", action="store_true", help="print the JSON report as the last line")
+    p.add_argument("--out", help="write the Markdown table here")
     args = p.parse_args(argv)
     from alignlens.service.modelstore import resolve_model
 
@@ -96,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         server.wait_serving()
         url = f"http://127.0.0.1:{port}/v1"
-        with urllib.request.urlopen(f"{url}/models", timeout=10) as r:
-            model_id = json.loads(r.read())["data"][0]["id"]
+        model_id = served_model_id(url)
         for attribution in (True, False):  # warm-up
             run_http_streams(url, model_id, 2, 16, list(BENCH_PROMPTS), attribution)
         names = {str(server.proc.pid): "alignlens-server", str(os.getpid()): "openai-client"}
@@ -110,23 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                          " ".join(f"{k}={v:.2f}" for k, v in row["core_busy"].items()))
     finally:
         server.stop()
-    lines = [f"{args.streams} streams x {args.max_tokens} tokens, {args.repetitions} repetitions per mode; "
-             "CPU ms per generated token, median over repetitions", "", "| thread | attribution on | off |",
-             "|---|---:|---:|"]
-    names = {k for rows in runs.values() for row in rows for k in row["ms_per_token"]}
+    report = {"streams": args.streams, "max_tokens": args.max_tokens, "env": args.env, "runs": runs}
+    from tools.bench.__main__ import emit
 
-    def med(mode, name):
-        return statistics.median(row["ms_per_token"].get(name, 0.0) for row in runs[mode])
-
-    for name in sorted(names, key=lambda n: -med("on", n)):
-        if max(med("on", name), med("off", name)) >= 0.05:
-            lines.append(f"| {name} | {med('on', name):.2f} | {med('off', name):.2f} |")
-    tps = {m: statistics.median(r["tokens_per_second"] for r in rows) for m, rows in runs.items()}
-    lines += ["", f"tokens/s: on {tps['on']:.1f}, off {tps['off']:.1f} (on / off {tps['on'] / tps['off']:.3f})"]
-    print("\n".join(lines))
-    if args.json:
-        print(json.dumps({"streams": args.streams, "max_tokens": args.max_tokens, "env": args.env, "runs": runs}))
-    return 0
+    return emit(markdown(report), report, args.out, args.json)
 
 
 if __name__ == "__main__":
