@@ -198,6 +198,7 @@ def test_default_config_compiled_multiprocessing(tiny_llama):
     # spins on its core (internals.yield_core_while_waiting: fails if vLLM's queue loses the hook)
     if len(os.sched_getaffinity(0)) > 1:
         assert stats["worker"]["idle_helper"] and stats["worker"]["idle_wait_polls"], stats["worker"]
+    assert stats["worker"]["probe_process"], "the probe did not run in its own process"
 
 
 @pytest.mark.slow

@@ -160,6 +160,15 @@ def _unsupported(req, names: tuple[str, ...]) -> None:
             raise HTTPError(400, f"{name} is not supported by this server", name)
 
 
+def _engine_logprobs(top: int | None, detail: Detail, echo: bool) -> int | None:
+    """What vLLM's sampler is asked for. An attributed request that wants only the chosen token's
+    logprob (top 0, no echo) takes it from its attribution record instead (`host_logprob`: the same
+    raw log-probability, from the same logits before temperature or penalties, as the gRPC API
+    serves it), so the sampler skips its full-vocabulary log-softmax and rank on the worker's
+    core (docs/benchmarks/http-vs-vllm.md)."""
+    return None if top == 0 and detail > Detail.NONE and not echo else top
+
+
 def _sampling(req, n_prompt: int, max_tokens: int | None, max_name: str, limits: validation.ModelLimits,
               logprobs: int | None, echo: bool):
     """vllm.SamplingParams for one prompt, every field checked first (400 naming the parameter)."""
@@ -253,7 +262,8 @@ class OpenAIFrontEnd:
         for i, p in enumerate(batch):
             ids = self._prompt_ids(p, i if len(batch) > 1 else None)
             max_tokens = DEFAULT_COMPLETION_TOKENS if req.max_tokens is None else req.max_tokens
-            params = _sampling(req, len(ids), max_tokens, "max_tokens", limits, top, bool(req.echo))
+            params = _sampling(req, len(ids), max_tokens, "max_tokens", limits, _engine_logprobs(top, detail, req.echo),
+                               bool(req.echo))
             text = p if isinstance(p, str) else limits.tokenizer.decode(ids)
             jobs.append(Job(i, ids, params, detail, top, bool(req.echo), bool(req.echo) and max_tokens == 0, text))
         return jobs
@@ -287,19 +297,22 @@ class OpenAIFrontEnd:
         top = (req.top_logprobs or 0) if (req.logprobs or detail > Detail.NONE) else None
         name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return Job(0, ids, _sampling(req, len(ids), max_tokens, name, limits, top, False), detail, top)
+        return Job(0, ids, _sampling(req, len(ids), max_tokens, name, limits, _engine_logprobs(top, detail, False), False),
+                   detail, top)
 
     # -- running ----------------------------------------------------------------------------------
 
     def _token(self, token_id: int, entry: dict | None, top: int | None, as_ids: bool) -> TokenOut:
         """A token with its logprob and `top` alternatives from vLLM's {token id: Logprob}."""
+        from vllm.tokenizers.detokenizer_utils import convert_ids_list_to_tokens  # vLLM's own token text
+
         tok = self.state.limits.tokenizer
 
         def text(tid: int, lp) -> str:
             if as_ids:
                 return f"token_id:{tid}"
             decoded = getattr(lp, "decoded_token", None)
-            return decoded if decoded is not None else tok.decode([tid])
+            return decoded if decoded is not None else convert_ids_list_to_tokens(tok, [tid])[0]
 
         if entry is None:
             return TokenOut(token_id, text(token_id, None), None)
@@ -341,6 +354,8 @@ class OpenAIFrontEnd:
                     for t in new:
                         entry = completion.logprobs[t.index] if completion.logprobs else None
                         token = self._token(t.token_id, entry, job.top, as_ids)
+                        if t.attr is not None and token.logprob is None and job.top is not None:
+                            token.logprob = t.attr.host_logprob  # _engine_logprobs: vLLM was not asked
                         if t.attr is not None:
                             token.attribution = t.attr  # a Struct: msgspec encodes it as the record layout
                             m.observe_attribution(t.attr)

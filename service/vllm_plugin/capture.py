@@ -10,8 +10,9 @@
      buffers), with the heads' outputs at the same rows (heads.py: [rows, L, H * head_dim]).
   3. `_sample` (wrapped): the host logits of attributed generation rows are copied
      (keep_logits), then the sampled token of each generation row becomes known (on_sampled).
-  4. emit (emitter.py, on a background thread by default): the probe runs once, batched, over
-     the rows of a work item, and one wire.StepMessage is PUSHed to the server.
+  4. emit (emitter.py; on CPU in a child process by default, probe_process.py, else on background
+     threads): the probe runs once, batched, over the rows of a work item, and one
+     wire.StepMessage is PUSHed to the server.
 
 Per-request options (wire.CaptureOptions) travel in `SamplingParams.extra_args`; requests
 without them (every request at detail NONE) are served exactly like stock vLLM.
@@ -29,6 +30,7 @@ from alignlens.service.engine.channel import CaptureSender
 from alignlens.service.engine.wire import CaptureOptions, Kind
 from alignlens.service.vllm_plugin import heads, internals, interventions
 from alignlens.service.vllm_plugin.emitter import BackgroundEmitter, emit_step, split_step
+from alignlens.service.vllm_plugin.probe_process import ProbeProcess
 from alignlens.service.vllm_plugin.rows import attributed_gen_rows, join_sampled, select_rows
 from alignlens.service.vllm_plugin.state import STATE
 
@@ -123,6 +125,8 @@ def _before_step(finished_req_ids) -> None:
     if st.rows:  # a step whose sampling never ran: its rows decide nothing
         st.rows, st.tensors, st.heads = [], None, None
     st.in_step = True
+    if st.emitter is not None:
+        st.emitter.step_started()
 
 
 def _after_step() -> None:
@@ -134,9 +138,12 @@ def _after_step() -> None:
 
 
 def attach(runner, sender: CaptureSender | None, attributor=None, background: bool = True,
-           idle_helper: bool = True, bases: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+           idle_helper: bool = True, bases: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+           probe_process: tuple[str, str, str | None] | None = None) -> None:
     """Wrap the runner's step phases and connect the sender and the probe. `bases`: (basis
-    [L, 3, k, d], attn_out bias [L, d] or None) for the model's intervention hooks."""
+    [L, 3, k, d], attn_out bias [L, d] or None) for the model's intervention hooks.
+    `probe_process`: (side-channel address, probe path, checkpoint dir) to run the background
+    emitter in its own process (probe_process.py); None: as threads of this process."""
     st = STATE
     hooks = interventions.find_hooks(runner.get_model())
     st.head_buffers = heads.find(runner.get_model())
@@ -152,7 +159,13 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
     fail_token = os.environ.get(FAIL_PROBE_TOKEN_ENV)
     st.fail_probe_token = int(fail_token) if fail_token else None
     if background and st.emitter is None:
-        st.emitter = BackgroundEmitter(idle_helper=idle_helper)
+        if probe_process is not None:
+            try:
+                st.emitter = ProbeProcess(*probe_process, idle_helper=idle_helper)
+            except Exception:  # noqa: BLE001 - attribution still works inside this process
+                log.exception("alignlens: the probe process did not start; the probe runs inside the worker")
+        if st.emitter is None:
+            st.emitter = BackgroundEmitter(idle_helper=idle_helper)
         if st.emitter.helper is not None:  # the helper needs the worker's core between steps
             st.idle_wait_polls = internals.yield_core_while_waiting()
     elif not background:

@@ -179,9 +179,20 @@ def _name_os_thread(name: str) -> None:
         pass
 
 
+# Where the emitter reads the engine's step clock: (in a step, time.monotonic() the last step ended).
+# None: this process's STATE (the worker); the probe process sets a reader of the worker's shared block.
+ENGINE_CLOCK = None
+
+
+def _engine_clock() -> tuple[bool, float]:
+    if ENGINE_CLOCK is not None:
+        return ENGINE_CLOCK()
+    return STATE.in_step, STATE.step_ended_at
+
+
 def _engine_idle() -> bool:
-    st = STATE
-    return not st.in_step and time.monotonic() - st.step_ended_at > ENGINE_IDLE_S
+    in_step, ended_at = _engine_clock()
+    return not in_step and time.monotonic() - ended_at > ENGINE_IDLE_S
 
 
 class BackgroundEmitter:
@@ -210,13 +221,15 @@ class BackgroundEmitter:
     the first to finish sends it. Measured in docs/benchmarks/http-vs-vllm.md.
     """
 
-    def __init__(self, idle_helper: bool = True, helper_takes_generation: bool | None = None):
+    def __init__(self, idle_helper: bool = True, helper_takes_generation: bool | None = None,
+                 on_item_done=None):
         self._gen: collections.deque[_WorkItem] = collections.deque()
         self._replay: collections.deque[_WorkItem] = collections.deque()
         self._helper_items: list[_WorkItem] = []
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()  # one sender socket, two threads; first finisher sends
         self._busy = 0
+        self._on_item_done = on_item_done  # called with this emitter after each item (the probe process's counters)
         worker_cpus = os.sched_getaffinity(0)
         self._cpus = set(range(os.cpu_count() or 1)) - worker_cpus
         self._thread = threading.Thread(target=self._run, args=(False, self._cpus), name="alignlens-emitter",
@@ -268,12 +281,14 @@ class BackgroundEmitter:
                     if helper:
                         self._helper_items.remove(item)
                     self._cv.notify_all()
+                if self._on_item_done is not None:
+                    self._on_item_done(self)
 
     def _take(self, helper: bool) -> _WorkItem:
         with self._cv:
             while True:
                 now = time.monotonic()
-                if self._gen and helper and self._gen_to_helper and not STATE.in_step:
+                if self._gen and helper and self._gen_to_helper and not _engine_clock()[0]:
                     item = self._gen.popleft()
                     item.steal_at = now + GEN_STEAL_S
                     self._helper_items.append(item)
@@ -310,6 +325,9 @@ class BackgroundEmitter:
                 return item
         return None
 
+    def step_started(self) -> None:
+        """The engine's step started (capture._before_step); the worker's STATE says so already."""
+
     def step_ended(self) -> None:
         """The engine's step ended (capture._after_step): the helper may take the step's items."""
         if self._gen_to_helper:
@@ -337,5 +355,10 @@ class BackgroundEmitter:
     @property
     def backlog(self) -> int:
         return len(self._gen) + len(self._replay)
+
+    @property
+    def busy(self) -> int:
+        """Items being computed now."""
+        return self._busy
 
 

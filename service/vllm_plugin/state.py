@@ -43,12 +43,15 @@ class CaptureState:
     fail_probe_token: int | None = None
 
     def stats(self) -> dict:
+        # rows the probe process (probe_process.py) sent are counted there
+        rows_sent, error_records = (self.emitter.counters() if hasattr(self.emitter, "counters") else (0, 0))
         return {
             "attached": self.runner is not None,
             "steps": self.step,
             "forward_calls": self.forward_calls,
-            "rows_sent": self.rows_sent,
-            "error_records": self.error_records,
+            "rows_sent": self.rows_sent + rows_sent,
+            "error_records": self.error_records + error_records,
+            "probe_process": getattr(self.emitter, "pid", None),
             "pending_rows": len(self.rows) + (self.emitter.backlog if self.emitter else 0),
             "tracked_requests": len(self.active),
             "probe_loaded": self.attributor is not None,

@@ -11,7 +11,7 @@ import logging
 import os
 
 from alignlens.service.engine.channel import CaptureSender
-from alignlens.service.vllm_plugin import capture, internals
+from alignlens.service.vllm_plugin import capture, internals, probe_process
 from alignlens.service.vllm_plugin.state import STATE
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,12 @@ class AlignlensWorkerExtension:
         background = os.environ.get("ALIGNLENS_BACKGROUND_ATTRIBUTION", "1") != "0"
         idle_helper = runner.device.type == "cpu" and os.environ.get("ALIGNLENS_IDLE_HELPER", "1") != "0"
         bases = _intervention_bases(model, attributor, checkpoint_dir)
-        capture.attach(runner, sender, attributor, background=background, idle_helper=idle_helper, bases=bases)
+        # On CPU the background emitter runs in its own process (no GIL shared with the forward)
+        # unless ALIGNLENS_PROBE_PROCESS=0. See probe_process.py.
+        use_process = (background and attributor is not None and runner.device.type == "cpu"
+                      and probe_process.enabled())
+        capture.attach(runner, sender, attributor, background=background, idle_helper=idle_helper, bases=bases,
+                       probe_process=(address, probe_path, checkpoint_dir) if use_process else None)
         return {"rank": rank, "model_class": type(model).__name__, "probe_loaded": attributor is not None,
                 "intervention_k": STATE.intervention_k}
 
