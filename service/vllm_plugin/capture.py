@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from alignlens.probe.record import Detail
 from alignlens.service.engine.channel import CaptureSender
 from alignlens.service.engine.wire import CaptureOptions, Kind
 from alignlens.service.vllm_plugin import heads, internals, interventions
@@ -73,8 +74,12 @@ def on_forward(stream: list[torch.Tensor]) -> None:
     if not rows:
         return
     idx = torch.tensor(index, dtype=torch.long, device=stream[0].device)
-    st.tensors = torch.stack([t.index_select(0, idx) for t in stream], dim=1)
-    st.heads = heads.rows(st.head_buffers, idx)
+    if index == list(range(stream[0].shape[0])):  # every row decides (decoding): one copy, no gather
+        st.tensors = torch.stack(stream, dim=1)
+    else:
+        st.tensors = torch.stack([t.index_select(0, idx) for t in stream], dim=1)
+    # the heads' outputs serve only detail FULL (dla_heads): not copied for a step without it
+    st.heads = heads.rows(st.head_buffers, idx) if any(r.detail >= Detail.FULL for r in rows) else None
     st.rows = rows
 
 
