@@ -76,6 +76,9 @@ def _finish_reason(completion) -> tuple[int, str]:
     return pb2.FINISH_REASON_EOS, ""  # EOS token, or a stop token id
 
 
+DEADLINE_GRACE_S = 0.05
+
+
 class AttributionServicer(pb2_grpc.AttributionServiceServicer):
     """gRPC handlers over a CaptureEngine (service/engine.py)."""
 
@@ -88,8 +91,11 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):
+            # A client whose own deadline fires cancels the call a little before the server's copy
+            # of that deadline (counted from when the headers arrived) runs out: within
+            # DEADLINE_GRACE_S of it, the cancellation is the deadline.
             remaining = context.time_remaining()
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= DEADLINE_GRACE_S
                     else grpc.StatusCode.CANCELLED)
             raise
         except grpc.aio.AbortError:
