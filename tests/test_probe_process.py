@@ -78,6 +78,20 @@ def test_child_sends_what_the_probe_computes_and_the_worker_falls_back_when_it_d
     deadline = time.monotonic() + 10
     while proc._proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    # items the child had not finished when it died are computed by the fallback, once
+    lost = [_item(attributor, 6, Kind.REPLAY, 4, False), _item(attributor, 2, Kind.GEN, 5, True)]
+    proc2 = ProbeProcess(*proc.args)
+    for step, (rows, tensors) in enumerate(lost):
+        proc2.submit(20 + step, rows, tensors, GEN_PRIORITY if rows[0].kind == Kind.GEN else REPLAY_PRIORITY)
+    os.kill(proc2.pid, signal.SIGKILL)
+    assert proc2.wait_idle(20) and proc2.pid is None
+    got = {(rec.rid, rec.index): rec for _, rec in sink.drain(8)}
+    assert len(got) == 8
+    for rows, tensors in lost:
+        for r, want in zip(rows, _expected(attributor, rows, tensors)):
+            assert _close(got[(r.rid, r.index)].attr.family_attribution, want.family_attribution)
+    proc2.close()
+
     rows, tensors = _item(attributor, 4, Kind.GEN, 3, True)
     for attempt in range(3):  # the first send after the death may still land in the socket buffer
         proc.submit(10 + attempt, rows, tensors, GEN_PRIORITY)

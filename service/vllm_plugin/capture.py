@@ -163,6 +163,10 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
     st.runner, st.sender, st.attributor = runner, sender, attributor
     fail_token = os.environ.get(FAIL_PROBE_TOKEN_ENV)
     st.fail_probe_token = int(fail_token) if fail_token else None
+    if isinstance(st.emitter, ProbeProcess) and (not background or probe_process is None
+                                                 or st.emitter.args != (*probe_process, idle_helper)):
+        st.emitter.close()  # attached again with another probe, sink or mode
+        st.emitter = None
     if background and st.emitter is None:
         if probe_process is not None:
             try:

@@ -156,6 +156,7 @@ class _WorkItem:
     steal_at: float = 0.0  # when the idle-core helper took it: the time the emitter thread may recompute it
     stolen: bool = False  # the emitter thread is computing it too
     sent: bool = False
+    tag: object = None  # the submitter's (the probe process's item number), passed to on_item_done
 
 
 STEAL_AFTER_S = 0.25  # a helper item older than this is recomputed by the emitter thread when it is idle
@@ -229,7 +230,9 @@ class BackgroundEmitter:
         self._cv = threading.Condition()
         self._send_lock = threading.Lock()  # one sender socket, two threads; first finisher sends
         self._busy = 0
-        self._on_item_done = on_item_done  # called with this emitter after each item (the probe process's counters)
+        # on_item_done(tag) after each computation of an item whose records were sent by then (the
+        # probe process marks items done with it)
+        self._on_item_done = on_item_done
         worker_cpus = os.sched_getaffinity(0)
         self._cpus = set(range(os.cpu_count() or 1)) - worker_cpus
         self._thread = threading.Thread(target=self._run, args=(False, self._cpus), name="alignlens-emitter",
@@ -281,8 +284,8 @@ class BackgroundEmitter:
                     if helper:
                         self._helper_items.remove(item)
                     self._cv.notify_all()
-                if self._on_item_done is not None:
-                    self._on_item_done(self)
+                if self._on_item_done is not None and item.sent:
+                    self._on_item_done(item.tag)
 
     def _take(self, helper: bool) -> _WorkItem:
         with self._cv:
@@ -335,10 +338,10 @@ class BackgroundEmitter:
                 self._cv.notify_all()
 
     def submit(self, step: int, rows: list[Row], tensors: torch.Tensor, priority: int = GEN_PRIORITY,
-               heads: torch.Tensor | None = None) -> None:
+               heads: torch.Tensor | None = None, tag: object = None) -> None:
         with self._cv:
             (self._gen if priority == GEN_PRIORITY else self._replay).append(
-                _WorkItem(step, rows, tensors, heads, queued_at=time.monotonic()))
+                _WorkItem(step, rows, tensors, heads, queued_at=time.monotonic(), tag=tag))
             self._cv.notify_all()
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
