@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 FAIL_PROBE_TOKEN_ENV = "ALIGNLENS_TEST_FAIL_PROBE_TOKEN"  # tests only: see CaptureState.fail_probe_token
 
 
+def fail_probe_token_from_env() -> int | None:
+    """The token id the probe is made to fail for (FAIL_PROBE_TOKEN_ENV; tests only), or None."""
+    fail_token = os.environ.get(FAIL_PROBE_TOKEN_ENV)
+    return int(fail_token) if fail_token else None
+
+
 def before_forward() -> None:
     """Phase 2, before the inner model runs: this step's options, and its interventions written."""
     st = STATE
@@ -161,8 +167,7 @@ def attach(runner, sender: CaptureSender | None, attributor=None, background: bo
     if st.sender is not None and st.sender is not sender:
         st.sender.close()
     st.runner, st.sender, st.attributor = runner, sender, attributor
-    fail_token = os.environ.get(FAIL_PROBE_TOKEN_ENV)
-    st.fail_probe_token = int(fail_token) if fail_token else None
+    st.fail_probe_token = fail_probe_token_from_env()
     if isinstance(st.emitter, ProbeProcess) and (not background or probe_process is None
                                                  or st.emitter.args != (*probe_process, idle_helper)):
         st.emitter.close()  # attached again with another probe, sink or mode

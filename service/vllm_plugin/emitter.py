@@ -191,6 +191,11 @@ def _engine_clock() -> tuple[bool, float]:
     return STATE.in_step, STATE.step_ended_at
 
 
+def other_cpus() -> set[int]:
+    """The cores the calling thread is not pinned to (in the worker: the ones vLLM left free)."""
+    return set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+
+
 def _engine_idle() -> bool:
     in_step, ended_at = _engine_clock()
     return not in_step and time.monotonic() - ended_at > ENGINE_IDLE_S
@@ -234,7 +239,7 @@ class BackgroundEmitter:
         # probe process marks items done with it)
         self._on_item_done = on_item_done
         worker_cpus = os.sched_getaffinity(0)
-        self._cpus = set(range(os.cpu_count() or 1)) - worker_cpus
+        self._cpus = other_cpus()
         self._thread = threading.Thread(target=self._run, args=(False, self._cpus), name="alignlens-emitter",
                                         daemon=True)
         self._thread.start()
@@ -359,9 +364,5 @@ class BackgroundEmitter:
     def backlog(self) -> int:
         return len(self._gen) + len(self._replay)
 
-    @property
-    def busy(self) -> int:
-        """Items being computed now."""
-        return self._busy
 
 

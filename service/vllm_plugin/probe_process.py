@@ -43,7 +43,8 @@ import time
 import numpy as np
 import torch
 
-from alignlens.service.vllm_plugin.emitter import GEN_PRIORITY, BackgroundEmitter, _name_os_thread
+from alignlens.probe.record import Detail
+from alignlens.service.vllm_plugin.emitter import GEN_PRIORITY, BackgroundEmitter, _name_os_thread, other_cpus
 from alignlens.service.vllm_plugin.rows import Row
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _control(fd: int) -> tuple[mmap.mmap, np.ndarray, np.ndarray]:
 
 def _raw(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, without a copy."""
-    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+    return memoryview(t.view(-1).view(torch.uint8).numpy())
 
 
 class ProbeProcess:
@@ -162,8 +163,6 @@ class ProbeProcess:
         if self._fallback is not None:
             self._fallback.submit(step, rows, tensors, priority, heads)
             return
-        from alignlens.probe.record import Detail
-
         bufs, specs = [], []
 
         def add(tag, t: torch.Tensor) -> None:
@@ -222,7 +221,8 @@ class ProbeProcess:
 
     def _fail(self, exc: BaseException) -> None:
         """The child is gone: from now on the probe runs in this process, starting with every item the
-        child had not finished (in the order they were sent; none is lost, none sent twice)."""
+        child had not marked done, in the order they were sent. None is lost; an item whose records the
+        child sent in the instant before it died, unmarked, is sent twice."""
         if self._fallback is not None:
             return
         log.error("alignlens: the probe process (pid %s, exit code %s) cannot be reached (%s); the probe now runs "
@@ -297,7 +297,7 @@ def _read_item(sock: socket.socket):
 
 
 def _nbytes(dtype: str, shape: tuple) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return int(np.prod(shape, dtype=np.int64)) * getattr(torch, dtype).itemsize
 
 
 def child_main(argv: list[str] | None = None) -> None:
@@ -332,14 +332,13 @@ def _serve(args, sock: socket.socket, ctl: np.ndarray, done: np.ndarray) -> None
     from alignlens.probe.attribution import Attributor
     from alignlens.service.engine.channel import CaptureSender
     from alignlens.service.vllm_plugin import emitter
-    from alignlens.service.vllm_plugin.capture import FAIL_PROBE_TOKEN_ENV
+    from alignlens.service.vllm_plugin.capture import fail_probe_token_from_env
     from alignlens.service.vllm_plugin.state import STATE
 
     torch.set_num_threads(1)
     STATE.attributor = Attributor.load(args.probe, args.checkpoint)
     STATE.sender = CaptureSender(args.address)
-    fail_token = os.environ.get(FAIL_PROBE_TOKEN_ENV)
-    STATE.fail_probe_token = int(fail_token) if fail_token else None
+    STATE.fail_probe_token = fail_probe_token_from_env()
     emitter.ENGINE_CLOCK = lambda: (bool(ctl[IN_STEP]), float(ctl[STEP_ENDED_AT]))
 
     lock = threading.Lock()
@@ -351,7 +350,7 @@ def _serve(args, sock: socket.socket, ctl: np.ndarray, done: np.ndarray) -> None
 
     em = BackgroundEmitter(idle_helper=not args.no_helper, on_item_done=item_done)
     ctl[HELPER] = 1.0 if em.helper is not None else 0.0
-    others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+    others = other_cpus()
     if others:  # this (reading) thread off the worker's cores, beside the emitter thread
         os.sched_setaffinity(0, others)
     ctl[READY] = 1.0
