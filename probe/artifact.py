@@ -44,6 +44,12 @@ class FingerprintMismatch(ArtifactError):
             f"train one for this host with `alignlens probe collect` and `alignlens probe train`")
 
 
+# Stored as float16 (loaded into the float32 model): the tuned lens's L d x d translators are 41 MB
+# in float32 for SmolLM2; rounding them moves the depth readout by far less than its evaluation's
+# intervals, and every evaluation is of the stored (rounded) weights.
+HALF_PREFIXES = ("lens.",)
+
+
 def sidecar_path(path: str | Path) -> Path:
     p = Path(path)
     return p.with_name(p.name.removesuffix(".safetensors") + ".json")
@@ -56,7 +62,8 @@ def save_artifact(path: str | Path, model: ProbeModel, metadata: dict) -> Path:
     meta["probe_config"] = model.cfg.to_dict()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state = {k: (v.detach().half() if k.startswith(HALF_PREFIXES) else v.detach().float()).contiguous()
+             for k, v in model.state_dict().items()}
     save_file(state, str(out), metadata={HEADER_KEY: json.dumps(meta, sort_keys=True)})
     sidecar_path(out).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out

@@ -336,6 +336,16 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
             kl_m, kl_ci = mean_interval(kl, d_res)
             t1_m, t1_ci = mean_interval(top1, d_res)
             out["depth"][readout] = {"kl": kl_m, "kl_ci": kl_ci, "top1": t1_m, "top1_ci": t1_ci}
+        # paired: the probe's KL minus each baseline's on the same tokens, with its own interval (the
+        # two readouts' separate intervals overlap where the tokens' difficulty varies more than the gap)
+        if "probe" in parts[0]["depth"]:
+            probe_kl = torch.cat([p["depth"]["probe"][0] for p in parts])
+            out["depth_paired"] = {}
+            for readout in parts[0]["depth"]:
+                if readout != "probe":
+                    diff = probe_kl - torch.cat([p["depth"][readout][0] for p in parts])
+                    m_, ci_ = mean_interval(diff, d_res)
+                    out["depth_paired"][readout] = {"probe_minus_kl": m_, "probe_minus_kl_ci": ci_}
         out["mean_crystallization_depth"] = float(torch.cat([p["crystallization"] for p in parts]).mean())
         return out
 
@@ -348,8 +358,14 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
             raise ValueError("reuse_depth: the earlier result was measured on other sets "
                              "(names or token counts differ)")
         head["depth"] = reuse_depth["headline"]["depth"]
+        head.pop("depth_paired", None)
+        if "depth_paired" in reuse_depth["headline"]:
+            head["depth_paired"] = reuse_depth["headline"]["depth_paired"]
         for n in by_set:
             by_set[n]["depth"] = reuse_depth["by_set"][n]["depth"]
+            by_set[n].pop("depth_paired", None)
+            if "depth_paired" in reuse_depth["by_set"][n]:
+                by_set[n]["depth_paired"] = reuse_depth["by_set"][n]["depth_paired"]
     result = headline_keys(head, L)
     result.update({"headline_sets": head_names, "headline": head, "by_set": by_set,
                    "sets": {n: str(p) for n, p in sets}, "ablation_per_prompt": ablation_per_prompt,
@@ -375,6 +391,10 @@ def headline_keys(head: dict, L: int) -> dict:
         if readout in d:
             out[f"{prefix}_kl"], out[f"{prefix}_top1"] = d[readout]["kl"], d[readout]["top1"]
             out[f"depth_kl_below_{prefix}"] = [a < b - 1e-9 for a, b in zip(d["probe"]["kl"][:-1], d[readout]["kl"][:-1])]
+            paired = head.get("depth_paired", {}).get(readout)
+            if paired:  # the probe's KL minus the baseline's, per depth, and its paired interval's upper end
+                out[f"depth_kl_minus_{prefix}"] = paired["probe_minus_kl"]
+                out[f"depth_kl_minus_{prefix}_ci"] = paired["probe_minus_kl_ci"]
     return out
 
 
@@ -397,4 +417,8 @@ def markdown_report(result: dict, depths: tuple[int, ...] = (1, 10, 20, 25)) -> 
         kl = [f"{m['kl'][d]:.2f} [{m['kl_ci'][d][0]:.2f}, {m['kl_ci'][d][1]:.2f}]" for d in shown]
         t1 = [f"{m['top1'][d]:.3f}" for d in shown]
         lines.append(f"| {readout} | " + " | ".join(kl + t1) + " |")
+    for readout, m in head.get("depth_paired", {}).items():
+        kl = [f"{m['probe_minus_kl'][d]:+.3f} [{m['probe_minus_kl_ci'][d][0]:+.3f}, {m['probe_minus_kl_ci'][d][1]:+.3f}]"
+              for d in shown]
+        lines.append(f"| probe - {readout} (paired) | " + " | ".join(kl + [""] * len(shown)) + " |")
     return "\n".join(lines)

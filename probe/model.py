@@ -18,7 +18,10 @@ Readout head (the decision at every depth, a tuned-lens-style residual correctio
     logits_l = final_norm(r_l) @ W_U[C]^T over the candidate set C (host top-K plus y)
 with the host's frozen final norm and unembedding. Out is zero-initialised, so an untrained probe
 is the logit lens; the last depth is the host's own readout (a correction there could only add
-error), which makes final-depth agreement with the host exact by construction.
+error), which makes final-depth agreement with the host exact by construction. With
+ProbeConfig.tuned_lens the readout is r_l = h_l + A_l h_l + b_l + Out_l(y_l): a frozen tuned lens
+(probe.tuned_lens) under the probe's correction, and with ProbeConfig.depth_out Out has one matrix
+per depth (the shipped SmolLM2 probe has both since 2026-11-30: probe.train.retrain_readout).
 
 Importance head (amortized ablation, METHOD.md section 4 option 2). For block i, family f:
     phi_if = [alpha_if ; g_out_if (both standardized) ; log|comp_if|, log|g_out_if|, log|comp_if . g_out_if|]
@@ -56,6 +59,7 @@ the 90 pairs against real ablations, mean over tokens; probe/artifacts/README.md
 FLOPs per token (multiply-adds, SmolLM2-135M: L=30, d=576, k=32, w=128, a=64, 2 layers, |C|=33):
     ActProj (L+1)dw 2.3M, AlignProj 3Lkw 0.4M, encoder 2*(L+1)*12w^2 12.2M, Out (L+1)wd 2.3M,
     readout (L+1)|C|d 0.6M, importance head 3L((2k+3)a + a*a + 2a) + L*w*a = 1.0M: about 19M;
+    with the tuned lens L*d*d 10.0M more (depth_out adds parameters, not multiply-adds);
     plus what probe.attribution adds around it (host logits 28.3M, features and g_out 3.4M).
 """
 
@@ -94,6 +98,9 @@ class ProbeConfig:
     # The importance head also reads each pair's direct logit attribution (probe.dla.pair_dla):
     # two more per-pair scalars, sign(dla) log(1 + |dla|) and log(|dla| + 1e-3).
     dla_inputs: bool = False
+    # Out has its own zero-initialised matrix per depth (DepthLinear) instead of one shared by every
+    # depth: the same multiply-adds per token, L times the parameters (probe.train.retrain_readout).
+    depth_out: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +129,18 @@ class EncoderLayer(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class DepthLinear(nn.Module):
+    """One affine map per depth: x [N, L, w] -> x_l @ W_l + b_l [N, L, d] (weights [L, w, d], [L, d])."""
+
+    def __init__(self, n_depths: int, width: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_depths, width, d_model))
+        self.bias = nn.Parameter(torch.empty(n_depths, d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.einsum("nlw,lwd->nld", x, self.weight) + self.bias
+
+
 class ProbeModel(nn.Module):
     """Trunk + readout head + importance head (see module docstring). Host tensors are passed in."""
 
@@ -140,7 +159,7 @@ class ProbeModel(nn.Module):
         self.pos = nn.Parameter(torch.randn(L + 1, w) * 0.02)
         self.layers = nn.ModuleList(EncoderLayer(w, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.n_encoder_layers))
         self.ln_out = nn.LayerNorm(w)
-        self.out = nn.Linear(w, d)
+        self.out = DepthLinear(L, w, d) if cfg.depth_out else nn.Linear(w, d)
         self.lens = TunedLens(L, d) if cfg.tuned_lens else None
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)

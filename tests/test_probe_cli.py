@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignlens.probe.artifact import read_metadata
+from alignlens.probe.artifact import load_artifact, read_metadata
 from alignlens.service.modelstore import DEFAULT_MODEL_NAME, MARKER_NAME, alignlens_home
 
 DEFAULT = alignlens_home() / "models" / DEFAULT_MODEL_NAME  # where `alignlens model fetch` puts it
@@ -61,6 +61,10 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
                 "null_faithfulness_top_vs_random", "tokens", "by_set", "headline"):
         assert key in result, key
     assert len(result["depth_kl"]) == 4 and len(result["tuned_lens_kl"]) == 4 and result["ablation_tokens"] == 8
+    for prefix in ("tuned_lens", "activation_only"):  # paired differences: the probe's KL minus the baseline's
+        diff, ci = result[f"depth_kl_minus_{prefix}"], result[f"depth_kl_minus_{prefix}_ci"]
+        assert len(diff) == len(ci) == 4 and all(lo <= x + 1e-9 and x <= hi + 1e-9 for x, (lo, hi) in zip(diff, ci))
+        assert diff[1] == pytest.approx(result["depth_kl"][1] - result[f"{prefix}_kl"][1], abs=1e-9)
     for scorer in ("family_attribution", "family_importance", "mean_profile", "mean_profile_uncertainty",
                    "host_linearized", "dla", "untrained_head"):
         for metric in ("per_token_spearman", "token_resolved_spearman", "share_centered_spearman", "top_pair_hit",
@@ -94,3 +98,33 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
         main(["probe", "eval", "--probe", str(head), "--model", str(tiny_checkpoint), "--data", f"tiny={trace}",
               "--ablation-per-prompt", "2", "--boot", "20", "--tokens-per-set", "5", "--depth-from", str(artifact),
               "--json"])
+    # `train --readout-of`: a tuned lens under the readout, trunk and head untouched, so an evaluation
+    # measures the same faithfulness; `--lens-from` reuses that lens for another probe (the
+    # activation-only twin); the flags that retrain different parts are refused together
+    readout = tmp_path / "readout.safetensors"
+    assert main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(readout),
+                 "--readout-of", str(head), "--lens-steps", "5", "--steps", "10"]) == 0
+    meta = read_metadata(readout)
+    assert meta["probe_config"]["tuned_lens"] and meta["readout_retrained"]["fit"]["steps_done"] == 10
+    assert meta["readout_retrained"]["fit"]["tuned_lens"]["config"]["steps"] == 5
+    twin = tmp_path / "twin.safetensors"
+    assert main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(twin),
+                 "--readout-of", str(act_only), "--lens-from", str(readout), "--steps", "10"]) == 0
+    assert read_metadata(twin)["readout_retrained"]["fit"]["tuned_lens"]["from"] == str(readout)
+    loaded_readout, _ = load_artifact(readout)
+    loaded_twin, _ = load_artifact(twin)
+    assert torch.equal(loaded_twin.lens.weight, loaded_readout.lens.weight)
+    from safetensors import safe_open
+    with safe_open(str(readout), "pt") as f:  # the translators are stored as float16, the rest float32
+        assert f.get_tensor("lens.weight").dtype == torch.float16 and f.get_tensor("out.weight").dtype == torch.float32
+    assert loaded_readout.lens.weight.dtype == torch.float32
+    capsys.readouterr()
+    assert main(["probe", "eval", "--probe", str(readout), "--model", str(tiny_checkpoint), "--data", f"tiny={trace}",
+                 "--ablation-per-prompt", "2", "--boot", "20", "--activation-only", str(twin), "--json"]) == 0
+    third = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for scorer in ("family_attribution", "family_importance"):
+        assert third["headline"]["faithfulness"][scorer] == again["headline"]["faithfulness"][scorer]
+    assert third["depth_kl"] != again["depth_kl"]
+    with pytest.raises(SystemExit, match="give one"):
+        main(["probe", "train", "--model", str(tiny_checkpoint), "--data", str(trace), "--out", str(readout),
+              "--readout-of", str(head), "--head-of", str(head)])

@@ -173,6 +173,39 @@ def test_head_retrain_keeps_the_readout_and_learns_the_drops(tiny_setup):
     assert _rho(model, host, test_ds) > _rho(untrained, host, test_ds) + 0.15
 
 
+def test_readout_retrain_starts_at_the_tuned_lens_and_keeps_the_attributions(tiny_setup):
+    """`probe train --readout-of`: the probe gets a frozen tuned lens and a retrained Out on top of
+    it; the trunk, head and statistics stay bit-identical (so the family attributions do not move),
+    the lens is the one the evaluation's baseline recipe fits on the same tokens, and on test tokens
+    the readout is closer to the host than that lens alone at the depths where Out learned."""
+    import copy
+
+    from alignlens.probe.train import faithfulness_state_equal, retrain_readout
+    from alignlens.probe.tuned_lens import TunedLensConfig, train_tuned_lens
+
+    _, host, fac, train_ds, test_ds, _ = tiny_setup
+    base, _ = train(host, train_ds, fac, _cfg(host), TrainConfig(steps=200, batch_size=32, lr=3e-3, negatives=64),
+                    progress=False)
+    lens_cfg = TunedLensConfig(steps=60, batch_size=32, lr=3e-3, negatives=64)
+    model, fit = retrain_readout(host, train_ds, copy.deepcopy(base), lens_cfg,
+                                 TrainConfig(steps=300, batch_size=32, lr=3e-3, negatives=64), progress=False)
+    assert model.cfg.tuned_lens and fit["readout_only"] and fit["steps_done"] == 300
+    assert faithfulness_state_equal(model, base) and not faithfulness_state_equal(model, ProbeModel(_cfg(host)))
+    lens, _ = train_tuned_lens(host, train_ds, lens_cfg, top_k=8)  # the baseline, fitted apart: the same lens
+    torch.testing.assert_close(model.lens.weight, lens.weight)
+    val = fit["validation"]
+    assert val["tokens"] > 0 and len(val["subset_kl_probe"]) == host.n_layers
+    L = host.n_layers
+    with torch.no_grad():
+        r_lens = lens(test_ds.resid)
+        r, pred = model(test_ds.resid, test_ds.alpha, test_ds.g_out, host.W_U[test_ds.token_ids],
+                        token_features(test_ds.host_logprob, test_ds.cand_logits))
+        _, pred_base = base(test_ds.resid, test_ds.alpha, test_ds.g_out, host.W_U[test_ds.token_ids],
+                            token_features(test_ds.host_logprob, test_ds.cand_logits))
+    torch.testing.assert_close(pred, pred_base, rtol=0, atol=0)  # attributions unchanged
+    assert sum(_kl_at(host, r, test_ds, d) for d in range(L)) < sum(_kl_at(host, r_lens, test_ds, d) for d in range(L))
+
+
 def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):
     _, host, fac, train_ds, test_ds, _ = tiny_setup
     model = ProbeModel(_cfg(host)).eval()

@@ -12,6 +12,7 @@ faithfulness evaluation. What it measured on SmolLM2 is in docs/benchmarks/probe
     python -m tools.probe_levers run --data levers.pt base frac34 centred1 ...    # ~1 min per variant
     python -m tools.probe_levers prep-attention --trace TRAIN.safetensors --data levers.pt  # ~7 min
     python -m tools.probe_levers run --data levers.pt head_writes attention_stats
+    python -m tools.probe_levers lens-propagated    # ~5 min: the evaluation's cached sets only
 
 `prep` reads the evaluation's own cached sets and ablations (probe.evaluate.default_eval_sets and
 cached_ablations: made, slowly, when `alignlens probe eval` never ran) and the trace's labels
@@ -316,6 +317,72 @@ def run(args: argparse.Namespace) -> None:
         print(json.dumps({"variant": name, **res, "seconds": round(time.time() - t0)}), flush=True)
 
 
+@torch.no_grad()
+def lens_propagated(args: argparse.Namespace) -> None:
+    """Lens-propagated local ablation, scored against the evaluation's exact drops: each (block j,
+    family) ablation is run exactly through block j alone (FastAblator._block on the decision row,
+    the prefix's keys/values shared), and the rest of the network is replaced by the probe's tuned
+    lens at depth j+1; the estimate is that lens's drop in log p(y) (full vocabulary). Block L is
+    exact (the host's own readout), which checks the plumbing. Prints one JSON line per split."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignlens.probe.ablation import full_cache
+    from alignlens.probe.data import decision_inputs, read_prompt
+    from alignlens.probe.fingerprint import host_fingerprint
+
+    torch.set_num_threads(args.threads)
+    ck = resolve_model("default")
+    att = Attributor.load(args.base or default_artifact_path(ck), ck)
+    lens = att.model.lens
+    if lens is None:
+        raise SystemExit("lens-propagated: the probe has no tuned lens (ProbeConfig.tuned_lens)")
+    replica = AutoModelForCausalLM.from_pretrained(str(ck), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(ck))
+    fab = FastAblator(replica, att.factors.basis, att.host.attn_out_bias)
+    L = fab.L
+
+    def logp(h: torch.Tensor, depth: int, ys: torch.Tensor) -> torch.Tensor:
+        r = h if depth == L else h + h @ lens.weight[depth] + lens.bias[depth]
+        return torch.log_softmax(fab.lm_head(fab.final_norm(r)).float(), -1).gather(1, ys[:, None]).squeeze(1)
+
+    sets = default_eval_sets(replica, tok, host_fingerprint(att.host), 32, None)
+    centre = torch.tensor(att.metadata["data"]["train_mean_abs_drop"]).flatten()
+    per_set = {}
+    for si, (name, path) in enumerate(sets):
+        rows, drop, _, _ = cached_ablations(fab, path, 8, 0, False)
+        est = []
+        for i, t in zip(prompt_indices(path), rows):
+            ids, positions, ys = decision_inputs(read_prompt(path, i), t)
+            o = replica(input_ids=ids.view(1, -1), past_key_values=full_cache(), use_cache=True,
+                        output_hidden_states=True)
+            hidden = [h[0, positions] for h in o.hidden_states[:-1]]  # h_0..h_{L-1}; the last is normed
+            kv = [(layer.keys[0], layer.values[0]) for layer in o.past_key_values.layers]
+            c = positions.shape[0]
+            e = torch.empty(c, L, 3)
+            for j in range(L):
+                ablated = fab._block(j, hidden[j].repeat_interleave(3, 0), positions.repeat_interleave(3),
+                                     torch.arange(3).repeat(c), torch.ones(3 * c, dtype=torch.bool), *kv[j])
+                clean = hidden[j + 1] if j + 1 < L else fab._block(j, hidden[j], positions,
+                                                                   torch.zeros(c, dtype=torch.long),
+                                                                   torch.zeros(c, dtype=torch.bool), *kv[j])
+                e[:, j] = logp(clean, j + 1, ys)[:, None] - logp(ablated, j + 1, ys.repeat_interleave(3)).view(c, 3)
+            est.append(e)
+        groups = si * 1_000_000 + torch.cat([torch.full((r.numel(),), k) for k, r in enumerate(rows)])
+        per_set[name] = (torch.cat(est), drop, groups)
+        last = torch.corrcoef(torch.stack([per_set[name][0][:, -1].flatten(), drop[:, -1].flatten()]))[0, 1]
+        print(json.dumps({"set": name, "tokens": int(drop.shape[0]), "block_L_correlation": round(float(last), 4)}),
+              flush=True)
+    splits = {"heldout_kinds": [n for n in HEADLINE if n in per_set],
+              "in_distribution": [n for n in per_set if n not in HEADLINE]}
+    for split, names in splits.items():
+        if names:
+            pred, drop, groups = (torch.cat([per_set[n][k] for n in names]) for k in range(3))
+            rep = faithfulness_report(pred.abs(), drop, groups, bootstrap_groups(groups, 200, 0), centre)
+            print(json.dumps({"split": split, "variant": "lens_propagated",
+                              **{k: [round(v["value"], 4), [round(x, 4) for x in v["ci"]]] for k, v in rep.items()}}),
+                  flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -328,11 +395,12 @@ def main() -> None:
     b = sub.add_parser("run")
     b.add_argument("--data", required=True, help="prep's output")
     b.add_argument("variants", nargs="+")
-    for q in (a, b, c):
+    d = sub.add_parser("lens-propagated")
+    for q in (a, b, c, d):
         q.add_argument("--base", help="probe whose trunk is used (default: the shipped one)")
         q.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    {"prep": prep, "prep-attention": prep_attention, "run": run}[args.cmd](args)
+    {"prep": prep, "prep-attention": prep_attention, "run": run, "lens-propagated": lens_propagated}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 from alignlens.service.cli.configs import add_config_args, config_from_args
 from alignlens.service.engine.config import EngineConfig
 
+DEFAULT_STEPS = 3000  # `probe train --steps` default (a full training; --readout-of uses 2,000 unless given)
+
 log = logging.getLogger(__name__)
 
 
@@ -107,11 +109,23 @@ def _train(args: argparse.Namespace) -> int:
     checkpoint = _checkpoint(args.model)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
                       max_minutes=args.max_minutes, rank_weight=args.rank_weight, centred_weight=args.centred_weight,
-                      ablation_batch_size=args.ablation_batch_size)
+                      ablation_batch_size=args.ablation_batch_size, ce_weight=args.ce_weight)
     overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k,
                  "alignment_features": args.alignment_features, "tuned_lens": args.tuned_lens,
                  "dla_inputs": args.dla_inputs}
     out = args.out or str(default_artifact_path(checkpoint))
+    if args.head_of and args.readout_of:
+        raise SystemExit("alignlens probe train: --head-of and --readout-of retrain different parts; give one")
+    if args.readout_of:
+        from alignlens.probe.train import retrain_readout_artifact
+        from alignlens.probe.tuned_lens import TunedLensConfig
+
+        cfg.steps = args.steps if args.steps != DEFAULT_STEPS else 2000
+        meta = retrain_readout_artifact(str(checkpoint), args.data, args.readout_of, out,
+                                        TunedLensConfig(steps=args.lens_steps), cfg, lens_from=args.lens_from,
+                                        depth_out=args.depth_out, balance_depths=args.balance_depths)
+        print(json.dumps({"artifact": out, "readout_retrained": meta["readout_retrained"]}))
+        return 0
     if args.head_of:
         from alignlens.probe.train import retrain_head_artifact
 
@@ -235,7 +249,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--model", default="default", help="'default' or a local checkpoint folder")
     t.add_argument("--data", action="append", required=True, help="trace file (repeatable)")
     t.add_argument("--out", help="artifact path (default: the shipped location for this model)")
-    t.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    t.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     t.add_argument("--k", type=int, default=32, help="singular directions per (block, family)")
     t.add_argument("--width", type=int, default=128, help="probe width")
@@ -256,6 +270,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--centred-weight", type=float, default=0.0,
                    help="weight of the per-token centred term of the ablation loss (the profile's shape)")
     t.add_argument("--ablation-batch-size", type=int, default=32, help="ablation-labelled tokens per step")
+    t.add_argument("--readout-of", metavar="ARTIFACT",
+                   help="give this probe the tuned-lens readout: fit a tuned lens on --data (--lens-steps) and "
+                        "retrain only Out on top of it (2,000 steps unless --steps); trunk and importance head "
+                        "stay bit-identical")
+    t.add_argument("--ce-weight", type=float, default=0.1,
+                   help="weight of the emitted token's cross-entropy beside the readout's KL to the host")
+    t.add_argument("--depth-out", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --readout-of: one Out matrix per depth (--no-depth-out: one shared by all depths)")
+    t.add_argument("--balance-depths", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --readout-of: weight each depth's KL by 1 / the lens's KL there")
+    t.add_argument("--lens-steps", type=int, default=1000, help="tuned-lens Adam steps for --readout-of")
+    t.add_argument("--lens-from", metavar="ARTIFACT",
+                   help="with --readout-of: take the tuned lens from this probe instead of fitting one")
     t.add_argument("--head-of", metavar="ARTIFACT",
                    help="retrain only the importance head of this probe on --data's labels (trunk, readout and "
                         "input statistics kept bit-identical; the architecture flags are ignored)")
