@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -271,7 +272,10 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
     h = att.host
     L = h.n_layers
     torch.manual_seed(seed)
-    null = ProbeModel(att.model.cfg).eval()
+    # the untrained head: the same seed and a config with the readout options at their defaults, so
+    # that its random draws (which nn.Linear's initialisation makes and DepthLinear's does not) do
+    # not depend on how the probe reads out depth
+    null = ProbeModel(replace(att.model.cfg, tuned_lens=False, depth_out=False)).eval()
     null_buffers = dict(null.named_buffers())
     for name, buf in att.model.named_buffers():  # same fixed statistics: only training differs
         if name in null_buffers:
@@ -392,7 +396,7 @@ def headline_keys(head: dict, L: int) -> dict:
             out[f"{prefix}_kl"], out[f"{prefix}_top1"] = d[readout]["kl"], d[readout]["top1"]
             out[f"depth_kl_below_{prefix}"] = [a < b - 1e-9 for a, b in zip(d["probe"]["kl"][:-1], d[readout]["kl"][:-1])]
             paired = head.get("depth_paired", {}).get(readout)
-            if paired:  # the probe's KL minus the baseline's, per depth, and its paired interval's upper end
+            if paired:  # the probe's KL minus the baseline's, per depth, and its paired 95 % interval
                 out[f"depth_kl_minus_{prefix}"] = paired["probe_minus_kl"]
                 out[f"depth_kl_minus_{prefix}_ci"] = paired["probe_minus_kl_ci"]
     return out

@@ -423,8 +423,9 @@ READOUT_PREFIXES = ("lens.", "out.")  # the depth readout's own parameters: the 
 
 def faithfulness_state_equal(a: ProbeModel, b: ProbeModel) -> bool:
     """Whether two probes share every tensor outside the depth readout (trunk, importance head and
-    input statistics): then their family attributions are identical and so is that part of an
-    evaluation (`probe eval --faithfulness-from`)."""
+    input statistics): then their family attributions are identical, and so are the evaluation's
+    faithfulness numbers of the served fields (the untrained-head baseline is built from the trunk-
+    and readout-independent part of the config: probe.evaluate.evaluate)."""
     sa, sb = a.state_dict(), b.state_dict()
     keys = {k for k in sa if not k.startswith(READOUT_PREFIXES)}
     return keys == {k for k in sb if not k.startswith(READOUT_PREFIXES)} and all(
@@ -444,10 +445,11 @@ def retrain_readout(host: Host, data: TokenSet, model: ProbeModel, lens_cfg: Tun
        attributions, and that part of the evaluation, do not change (`faithfulness_state_equal`).
     Out is trained on the prompts whose index is not a multiple of `validation_every`; those are
     kept to report, per depth, the subset KL of the lens alone and of lens + Out (the summary's
-    `validation`), the in-distribution check that the correction adds something on unseen prompts.
+    `validation`), the in-distribution check that the correction adds something on prompts Out did
+    not see (the lens was fitted on all of `data`, so its column there is in-sample and flatters it).
     `lens`: a lens fitted before (e.g. another probe's, `--lens-from`) instead of step 1.
     `depth_out`: Out gets one matrix per depth (ProbeConfig.depth_out). `balance_depths`: each
-    depth's KL term is weighted by 1 / (the lens's mean KL there), normalised to mean 1, so the late
+    depth's loss term is weighted by 1 / (the lens's mean KL there), normalised to mean 1, so the late
     depths, where the lens is already close (0.1 nats against 3 at depth 0), count as much as the
     early ones. Measured on SmolLM2 (2026-11-30, in-distribution validation prompts): one shared Out
     and plain depth-summed KL gave lower KL than the lens at depths 0-24 and higher at 25-29.
@@ -456,7 +458,11 @@ def retrain_readout(host: Host, data: TokenSet, model: ProbeModel, lens_cfg: Tun
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    start = time.perf_counter()
+    val = data.prompt_index % validation_every == 0
+    rows, val_rows = torch.nonzero(~val).squeeze(1), torch.nonzero(val).squeeze(1)
+    if rows.numel() == 0:
+        raise ValueError(f"retrain_readout: every prompt of the data is a validation prompt (prompt index a "
+                         f"multiple of {validation_every}); give more prompts")
     new = ProbeModel(replace(model.cfg, tuned_lens=True, depth_out=depth_out))
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(READOUT_PREFIXES)}
     missing, unexpected = new.load_state_dict(state, strict=False)
@@ -466,23 +472,23 @@ def retrain_readout(host: Host, data: TokenSet, model: ProbeModel, lens_cfg: Tun
     else:
         lens_summary = {"given": True}
     new.lens.load_state_dict(lens.state_dict())
+    start = time.perf_counter()  # cfg.max_minutes is Out's budget, the lens's fit not counted
     for name, p in new.named_parameters():
         p.requires_grad_(name.startswith("out."))
     new.eval()
     with torch.no_grad():  # the trunk is frozen: its states once, for every token
         states = torch.cat([new.trunk(data.resid[s:s + 256], new.standardize(data.alpha[s:s + 256]))
                             for s in range(0, len(data), 256)])
-    val = data.prompt_index % validation_every == 0
-    rows, val_rows = torch.nonzero(~val).squeeze(1), torch.nonzero(val).squeeze(1)
     opt, sched = _optimiser(new, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = None
     if balance_depths:
-        with torch.no_grad():
+        with torch.no_grad():  # the lens's mean KL per depth on up to 2,048 training rows, 256 at a time
             probe_rows = rows[torch.randperm(rows.numel(), generator=gen)[:2048]]
-            b = data.subset(probe_rows)
-            lens_kl = subset_kl(host, new.lens(b.resid), b, model.cfg.top_k,
-                                torch.randperm(host.vocab_size, generator=gen)[:cfg.negatives]).mean(0)
+            negatives = torch.randperm(host.vocab_size, generator=gen)[:cfg.negatives]
+            lens_kl = sum(subset_kl(host, new.lens(b.resid), b, model.cfg.top_k, negatives).sum(0)
+                          for b in (data.subset(probe_rows[s:s + 256]) for s in range(0, probe_rows.numel(), 256)))
+            lens_kl = lens_kl / probe_rows.numel()
         weights = 1 / lens_kl.clamp_min(1e-3)
         weights = weights / weights.mean()
     order, pos = rows[torch.randperm(rows.numel(), generator=gen)], 0
@@ -553,10 +559,13 @@ def retrain_readout_artifact(checkpoint_dir: str, trace_paths: list[str], base_a
     new, summary = retrain_readout(host, data, model, lens_cfg, cfg, lens=lens, depth_out=depth_out,
                                    balance_depths=balance_depths, progress=progress)
     if lens_from:
-        summary["tuned_lens"] = {"from": str(lens_from),
-                                 **(donor_meta.get("readout_retrained", {}).get("fit", {}).get("tuned_lens") or {})}
+        donor_fit = donor_meta.get("readout_retrained", {}).get("fit") or donor_meta.get("fit") or {}
+        donor_lens = donor_fit.get("tuned_lens") or donor_fit.get("tuned_lens_init") or {}
+        summary["tuned_lens"] = {**{k: v for k, v in donor_lens.items() if k != "from"}, "from": str(lens_from),
+                                 "donor_from": donor_lens.get("from")}
     meta = {k: v for k, v in base_meta.items() if k not in ("format_version", "probe_config")}
     meta["readout_retrained"] = {"from": str(base_artifact), "train_config": cfg.to_dict(), "fit": summary,
+                                 "traces": [str(p) for p in trace_paths],
                                  "data_tokens": len(data), "seconds": round(time.perf_counter() - start, 1)}
     meta["evaluation"] = None
     save_artifact(out_path, new, meta)

@@ -173,11 +173,12 @@ def test_head_retrain_keeps_the_readout_and_learns_the_drops(tiny_setup):
     assert _rho(model, host, test_ds) > _rho(untrained, host, test_ds) + 0.15
 
 
-def test_readout_retrain_starts_at_the_tuned_lens_and_keeps_the_attributions(tiny_setup):
-    """`probe train --readout-of`: the probe gets a frozen tuned lens and a retrained Out on top of
-    it; the trunk, head and statistics stay bit-identical (so the family attributions do not move),
-    the lens is the one the evaluation's baseline recipe fits on the same tokens, and on test tokens
-    the readout is closer to the host than that lens alone at the depths where Out learned."""
+def test_readout_retrain_starts_at_the_tuned_lens_and_keeps_the_attributions(tiny_setup, tmp_path):
+    """`probe train --readout-of`: the probe gets a frozen tuned lens and a retrained per-depth Out
+    on top of it; the trunk, head and statistics stay bit-identical (so the family attributions do
+    not move), the lens is the one the evaluation's baseline recipe fits on the same tokens, on test
+    tokens the readout is closer to the host than that lens alone (KL summed over depths < L), and
+    the artifact round trip keeps everything (the lens as float16 on disk)."""
     import copy
 
     from alignlens.probe.train import faithfulness_state_equal, retrain_readout
@@ -189,7 +190,8 @@ def test_readout_retrain_starts_at_the_tuned_lens_and_keeps_the_attributions(tin
     lens_cfg = TunedLensConfig(steps=60, batch_size=32, lr=3e-3, negatives=64)
     model, fit = retrain_readout(host, train_ds, copy.deepcopy(base), lens_cfg,
                                  TrainConfig(steps=300, batch_size=32, lr=3e-3, negatives=64), progress=False)
-    assert model.cfg.tuned_lens and fit["readout_only"] and fit["steps_done"] == 300
+    assert model.cfg.tuned_lens and model.cfg.depth_out and fit["readout_only"] and fit["steps_done"] == 300
+    assert len(fit["depth_weights"]) == host.n_layers and abs(sum(fit["depth_weights"]) / host.n_layers - 1) < 1e-3
     assert faithfulness_state_equal(model, base) and not faithfulness_state_equal(model, ProbeModel(_cfg(host)))
     lens, _ = train_tuned_lens(host, train_ds, lens_cfg, top_k=8)  # the baseline, fitted apart: the same lens
     torch.testing.assert_close(model.lens.weight, lens.weight)
@@ -204,6 +206,25 @@ def test_readout_retrain_starts_at_the_tuned_lens_and_keeps_the_attributions(tin
                             token_features(test_ds.host_logprob, test_ds.cand_logits))
     torch.testing.assert_close(pred, pred_base, rtol=0, atol=0)  # attributions unchanged
     assert sum(_kl_at(host, r, test_ds, d) for d in range(L)) < sum(_kl_at(host, r_lens, test_ds, d) for d in range(L))
+
+    path = save_artifact(tmp_path / "readout.safetensors", model, {"host_fingerprint": host_fingerprint(host), "k": K})
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor("lens.weight").dtype == torch.float16 and f.get_tensor("out.weight").dtype == torch.float32
+    loaded, _ = load_artifact(path, host_fingerprint(host))
+    assert loaded.cfg.depth_out and loaded.lens.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.lens.weight, model.lens.weight, rtol=1e-3, atol=1e-4)
+    assert faithfulness_state_equal(loaded, model)
+    assert torch.equal(loaded.out.weight, model.out.weight)
+
+    shared, fit_shared = retrain_readout(host, train_ds, copy.deepcopy(base), lens_cfg, TrainConfig(steps=5),
+                                         lens=model.lens, depth_out=False, balance_depths=False, progress=False)
+    assert not shared.cfg.depth_out and fit_shared["depth_weights"] is None and shared.out.weight.shape == (
+        host.d_model, _cfg(host).width)
+    one_prompt = train_ds.subset(torch.nonzero(train_ds.prompt_index == 0).squeeze(1))
+    with pytest.raises(ValueError, match="validation prompt"):
+        retrain_readout(host, one_prompt, copy.deepcopy(base), lens_cfg, TrainConfig(steps=5), lens=model.lens,
+                        progress=False)
 
 
 def test_artifact_round_trip_and_fingerprint_refusal(tiny_setup, tmp_path):

@@ -21,7 +21,9 @@ from pathlib import Path
 from alignlens.service.cli.configs import add_config_args, config_from_args
 from alignlens.service.engine.config import EngineConfig
 
-DEFAULT_STEPS = 3000  # `probe train --steps` default (a full training; --readout-of uses 2,000 unless given)
+DEFAULT_STEPS = 3000  # `probe train --steps` when not given: a full training (and --head-of)
+READOUT_STEPS = 2000  # ... with --readout-of (Out alone on a frozen trunk)
+READOUT_ONLY_FLAGS = ("lens_steps", "lens_from", "depth_out", "balance_depths")  # meaningful with --readout-of only
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,14 @@ def _train(args: argparse.Namespace) -> int:
     from alignlens.probe.artifact import default_artifact_path
     from alignlens.probe.train import TrainConfig, train_artifact
 
+    given = [f"--{name.replace('_', '-')}" for name in READOUT_ONLY_FLAGS if getattr(args, name) is not None]
+    if given and not args.readout_of:
+        raise SystemExit(f"alignlens probe train: {', '.join(given)} only apply with --readout-of")
+    if args.lens_from and args.lens_steps is not None:
+        raise SystemExit("alignlens probe train: --lens-steps fits a lens; --lens-from takes one: give one")
+    steps = args.steps if args.steps is not None else (READOUT_STEPS if args.readout_of else DEFAULT_STEPS)
     checkpoint = _checkpoint(args.model)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads,
+    cfg = TrainConfig(steps=steps, lr=args.lr, seed=args.seed, threads=args.threads,
                       max_minutes=args.max_minutes, rank_weight=args.rank_weight, centred_weight=args.centred_weight,
                       ablation_batch_size=args.ablation_batch_size, ce_weight=args.ce_weight)
     overrides = {"k": args.k, "width": args.width, "n_encoder_layers": args.encoder_layers, "top_k": args.top_k,
@@ -120,10 +128,10 @@ def _train(args: argparse.Namespace) -> int:
         from alignlens.probe.train import retrain_readout_artifact
         from alignlens.probe.tuned_lens import TunedLensConfig
 
-        cfg.steps = args.steps if args.steps != DEFAULT_STEPS else 2000
         meta = retrain_readout_artifact(str(checkpoint), args.data, args.readout_of, out,
-                                        TunedLensConfig(steps=args.lens_steps), cfg, lens_from=args.lens_from,
-                                        depth_out=args.depth_out, balance_depths=args.balance_depths)
+                                        TunedLensConfig(steps=args.lens_steps or 1000), cfg, lens_from=args.lens_from,
+                                        depth_out=args.depth_out is not False,
+                                        balance_depths=args.balance_depths is not False)
         print(json.dumps({"artifact": out, "readout_retrained": meta["readout_retrained"]}))
         return 0
     if args.head_of:
@@ -249,7 +257,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--model", default="default", help="'default' or a local checkpoint folder")
     t.add_argument("--data", action="append", required=True, help="trace file (repeatable)")
     t.add_argument("--out", help="artifact path (default: the shipped location for this model)")
-    t.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps")
+    t.add_argument("--steps", type=int, default=None,
+                   help=f"optimiser steps (default {DEFAULT_STEPS}; {READOUT_STEPS} with --readout-of)")
     t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     t.add_argument("--k", type=int, default=32, help="singular directions per (block, family)")
     t.add_argument("--width", type=int, default=128, help="probe width")
@@ -273,14 +282,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--readout-of", metavar="ARTIFACT",
                    help="give this probe the tuned-lens readout: fit a tuned lens on --data (--lens-steps) and "
                         "retrain only Out on top of it (2,000 steps unless --steps); trunk and importance head "
-                        "stay bit-identical")
+                        "stay bit-identical (the architecture flags and --max-tokens are ignored)")
     t.add_argument("--ce-weight", type=float, default=0.1,
                    help="weight of the emitted token's cross-entropy beside the readout's KL to the host")
-    t.add_argument("--depth-out", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --readout-of: one Out matrix per depth (--no-depth-out: one shared by all depths)")
-    t.add_argument("--balance-depths", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --readout-of: weight each depth's KL by 1 / the lens's KL there")
-    t.add_argument("--lens-steps", type=int, default=1000, help="tuned-lens Adam steps for --readout-of")
+    t.add_argument("--depth-out", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --readout-of: one Out matrix per depth (the default; --no-depth-out: one shared by "
+                        "all depths)")
+    t.add_argument("--balance-depths", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --readout-of: weight each depth's loss term by 1 / the lens's KL there (the default)")
+    t.add_argument("--lens-steps", type=int, default=None,
+                   help="with --readout-of: tuned-lens Adam steps (default 1000, the evaluation baseline's recipe)")
     t.add_argument("--lens-from", metavar="ARTIFACT",
                    help="with --readout-of: take the tuned lens from this probe instead of fitting one")
     t.add_argument("--head-of", metavar="ARTIFACT",
