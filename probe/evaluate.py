@@ -361,15 +361,12 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
         if reuse_depth["headline_sets"] != head_names or set(reuse_depth["by_set"]) != set(by_set) or not same_tokens:
             raise ValueError("reuse_depth: the earlier result was measured on other sets "
                              "(names or token counts differ)")
-        head["depth"] = reuse_depth["headline"]["depth"]
-        head.pop("depth_paired", None)
-        if "depth_paired" in reuse_depth["headline"]:
-            head["depth_paired"] = reuse_depth["headline"]["depth_paired"]
-        for n in by_set:
-            by_set[n]["depth"] = reuse_depth["by_set"][n]["depth"]
-            by_set[n].pop("depth_paired", None)
-            if "depth_paired" in reuse_depth["by_set"][n]:
-                by_set[n]["depth_paired"] = reuse_depth["by_set"][n]["depth_paired"]
+        # summarise computed no depth part here (per-set depth is empty): take the earlier one whole
+        for target, source in ((head, reuse_depth["headline"]),
+                               *((by_set[n], reuse_depth["by_set"][n]) for n in by_set)):
+            target["depth"] = source["depth"]
+            if "depth_paired" in source:
+                target["depth_paired"] = source["depth_paired"]
     result = headline_keys(head, L)
     result.update({"headline_sets": head_names, "headline": head, "by_set": by_set,
                    "sets": {n: str(p) for n, p in sets}, "ablation_per_prompt": ablation_per_prompt,

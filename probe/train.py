@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,13 @@ def _over_budget(start: float, cfg: TrainConfig, steps_done: int, what: str) -> 
     log.warning("fit: %s stopped at step %d of %d: wall-clock budget of %.1f min reached", what, steps_done,
                 cfg.steps, cfg.max_minutes)
     return True
+
+
+@torch.no_grad()
+def _trunk_states(model: ProbeModel, data: TokenSet, chunk: int = 256) -> Tensor:
+    """The trunk's depth states [N, L+1, w] for every token of `data` (a frozen trunk's, computed once)."""
+    return torch.cat([model.trunk(data.resid[s:s + chunk], model.standardize(data.alpha[s:s + chunk]))
+                      for s in range(0, len(data), chunk)])
 
 
 def _step(model: ProbeModel, opt, sched, loss: Tensor) -> None:
@@ -323,9 +330,7 @@ def retrain_head(host: Host, data: TokenSet, model: ProbeModel, cfg: TrainConfig
     opt, sched = _optimiser(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     model.eval()  # no dropout anywhere; eval keeps the frozen trunk's behaviour exactly
-    with torch.no_grad():  # the trunk is frozen: its states once, for every labelled token
-        states = torch.cat([model.trunk(data.resid[s:s + 256], model.standardize(data.alpha[s:s + 256]))
-                            for s in range(0, len(data), 256)])
+    states = _trunk_states(model, data)  # the trunk is frozen: its states once, for every token
     tok = token_features(data.host_logprob, data.cand_logits)
     lin_rows = torch.nonzero(data.has_lin).squeeze(1) if use_lin else None
 
@@ -364,12 +369,17 @@ def retrain_head(host: Host, data: TokenSet, model: ProbeModel, cfg: TrainConfig
                           "head_only": True}
 
 
+def _state_equal_except(a: ProbeModel, b: ProbeModel, prefixes: tuple[str, ...]) -> bool:
+    """Whether two probes have the same tensors (names and values) outside the names with `prefixes`."""
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = {k for k in sa if not k.startswith(prefixes)}
+    return keys == {k for k in sb if not k.startswith(prefixes)} and all(torch.equal(sa[k], sb[k]) for k in keys)
+
+
 def readout_state_equal(a: ProbeModel, b: ProbeModel) -> bool:
     """Whether two probes share every tensor outside the importance head (trunk, readout, lens and
     input statistics): then their depth readouts are identical and so is that part of an evaluation."""
-    sa, sb = a.state_dict(), b.state_dict()
-    keys = {k for k in sa if not k.startswith(HEAD_PREFIX)}
-    return keys == {k for k in sb if not k.startswith(HEAD_PREFIX)} and all(torch.equal(sa[k], sb[k]) for k in keys)
+    return _state_equal_except(a, b, (HEAD_PREFIX,))
 
 
 def _load_base(checkpoint_dir: str, trace_paths: list[str], base_artifact: str,
@@ -426,10 +436,7 @@ def faithfulness_state_equal(a: ProbeModel, b: ProbeModel) -> bool:
     input statistics): then their family attributions are identical, and so are the evaluation's
     faithfulness numbers of the served fields (the untrained-head baseline is built from the trunk-
     and readout-independent part of the config: probe.evaluate.evaluate)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    keys = {k for k in sa if not k.startswith(READOUT_PREFIXES)}
-    return keys == {k for k in sb if not k.startswith(READOUT_PREFIXES)} and all(
-        torch.equal(sa[k], sb[k]) for k in keys)
+    return _state_equal_except(a, b, READOUT_PREFIXES)
 
 
 def retrain_readout(host: Host, data: TokenSet, model: ProbeModel, lens_cfg: TunedLensConfig, cfg: TrainConfig,
@@ -454,8 +461,6 @@ def retrain_readout(host: Host, data: TokenSet, model: ProbeModel, lens_cfg: Tun
     early ones. Measured on SmolLM2 (2026-11-30, in-distribution validation prompts): one shared Out
     and plain depth-summed KL gave lower KL than the lens at depths 0-24 and higher at 25-29.
     Returns (a new probe with ProbeConfig.tuned_lens set, summary)."""
-    from dataclasses import replace
-
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     val = data.prompt_index % validation_every == 0
@@ -476,9 +481,7 @@ def retrain_readout(host: Host, data: TokenSet, model: ProbeModel, lens_cfg: Tun
     for name, p in new.named_parameters():
         p.requires_grad_(name.startswith("out."))
     new.eval()
-    with torch.no_grad():  # the trunk is frozen: its states once, for every token
-        states = torch.cat([new.trunk(data.resid[s:s + 256], new.standardize(data.alpha[s:s + 256]))
-                            for s in range(0, len(data), 256)])
+    states = _trunk_states(new, data)  # the trunk is frozen: its states once, for every token
     opt, sched = _optimiser(new, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = None

@@ -363,6 +363,3 @@ class BackgroundEmitter:
     @property
     def backlog(self) -> int:
         return len(self._gen) + len(self._replay)
-
-
-
