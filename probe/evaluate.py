@@ -46,6 +46,7 @@ from alignlens.probe.model import ProbeModel
 from alignlens.probe.names import RESID_MID
 from alignlens.probe.paths import alignlens_home
 from alignlens.probe.prompts import encode_row, heldout_prompt_path, read_prompts, split
+from alignlens.probe.refine import refine_with
 from alignlens.probe.stats import spearman
 from alignlens.probe.tuned_lens import TunedLens
 
@@ -55,8 +56,10 @@ log = logging.getLogger(__name__)
 EVAL_SETS = (("heldout_kinds_t0", "heldout", 0.0), ("heldout_kinds_t08", "heldout", 0.8),
              ("in_distribution_t08", "split", 0.8))
 HEADLINE_SETS = ("heldout_kinds_t0", "heldout_kinds_t08")  # the numbers README and ProbeInfo report
+REFINE_BUDGETS = (3, 10, 30)  # exact ablations per token of the refinement scorers (of 3L = 90 on SmolLM2)
 FAITHFULNESS_METRICS = ("per_token_spearman", "token_resolved_spearman", "share_centered_spearman",
                         "top_pair_hit", "top_vs_random")
+REFINE_METRICS = ("per_token_spearman", "share_centered_spearman", "top_pair_hit")  # issue 13's three targets
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -313,6 +316,15 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
             prof = torch.tensor(mean_profile).expand_as(drop)
             scorers["mean_profile"] = prof
             scorers["mean_profile_uncertainty"] = prof * (1 - p_y)[:, None, None]
+        # probe-guided causal refinement (probe/refine.py): k exact ablations where the scorer ranks
+        # first, its own prediction elsewhere; the same budget spent by the null and by the host's
+        # linearized effect are its baselines
+        proposers = {"refined": out_t["family_attribution"], "refined_host_linearized": lin.abs()}
+        if mean_profile is not None:
+            proposers["refined_mean_profile"] = scorers["mean_profile"]
+        for k in (k for k in REFINE_BUDGETS if k < 3 * L):  # 3L ablations are exact by construction
+            for prefix, score in proposers.items():
+                scorers[f"{prefix}_k{k}"] = refine_with(score, drop, k)
         per_set[name] = {"tokens": len(data), "prompts": int(torch.unique(data.prompt_index).numel()),
                          "depth": depth, "drop": drop,
                          "scorers": scorers, "groups": set_index * 1_000_000 + sub.prompt_index,
@@ -388,6 +400,15 @@ def headline_keys(head: dict, L: int) -> dict:
            "null_faithfulness_spearman": f["untrained_head"]["per_token_spearman"]["value"],
            "null_faithfulness_top_vs_random": f["untrained_head"]["top_vs_random"]["value"],
            "mean_crystallization_depth": head["mean_crystallization_depth"]}
+    refinement = {}  # per budget k: the three target metrics of each proposer (probe/refine.py)
+    for k in REFINE_BUDGETS:
+        row = {name: {m: f[f"{scorer}_k{k}"][m]["value"] for m in REFINE_METRICS}
+               for name, scorer in (("probe", "refined"), ("mean_profile", "refined_mean_profile"),
+                                    ("host_linearized", "refined_host_linearized")) if f"{scorer}_k{k}" in f}
+        if row:
+            refinement[str(k)] = row
+    if refinement:
+        out["refinement"] = refinement
     for readout, prefix in (("tuned_lens", "tuned_lens"), ("activation_only", "activation_only")):
         if readout in d:
             out[f"{prefix}_kl"], out[f"{prefix}_top1"] = d[readout]["kl"], d[readout]["top1"]

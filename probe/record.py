@@ -24,7 +24,7 @@ class Detail(enum.IntEnum):
     NONE = 0  # no capture at all: the request is served as stock vLLM
     SUMMARY = 1  # depth profile, family shares and attributions, agreement, host log-prob
     FULL = 2  # SUMMARY plus top_directions
-    CAUSAL = 3  # Audit only: FULL plus family_drop, exact ablations computed by the engine
+    CAUSAL = 3  # Audit only: FULL plus family_drop and family_refined, exact ablations computed by the engine
 
 
 class Direction(msgspec.Struct, frozen=True):
@@ -60,6 +60,10 @@ class TokenAttribution(msgspec.Struct):
     # [L][3] nats, only at Detail.CAUSAL for the selected tokens: the exact log p(y | clean) -
     # log p(y | (block, family) top-k ablated at this position), computed by the engine.
     family_drop: list[list[float]] = []
+    # [L][3] nats, where family_drop is set: |family_drop| on the pairs the engine ablated (the k of
+    # largest family_attribution when the Audit's causal_pairs = k < 3L; the others' family_drop is
+    # NaN), family_attribution elsewhere (probe/refine.py).
+    family_refined: list[list[float]] = []
     # Direct logit attribution (probe/dla.py), logit nats: y's logit minus the mean candidate
     # logit, split exactly over the stream's components with the final norm's scale frozen;
     # dla_embed + sum(dla_attn) + sum(dla_mlp) == dla_total up to float32 rounding.

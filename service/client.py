@@ -126,9 +126,11 @@ class AuditStream(_TokenStream):
     _last = "summary"
 
 
-def _audit_request(prompt, completion, detail, request_id, interventions, causal_indices) -> "pb2.AuditRequest":
+def _audit_request(prompt, completion, detail, request_id, interventions, causal_indices,
+                   causal_pairs) -> "pb2.AuditRequest":
     request = pb2.AuditRequest(prompt=make_prompt(prompt), detail=DETAIL_BY_NAME[detail], request_id=request_id,
-                               interventions=list(interventions), causal_indices=list(causal_indices))
+                               interventions=list(interventions), causal_indices=list(causal_indices),
+                               causal_pairs=causal_pairs)
     if isinstance(completion, str):
         request.completion_text = completion
     else:
@@ -200,19 +202,20 @@ class AttributionClient:
 
     def audit(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
               request_id: str = "", interventions: Sequence = (), causal_indices: Sequence[int] = (),
-              timeout_s: float | None = None) -> "pb2.AuditResponse":
+              causal_pairs: int = 0, timeout_s: float | None = None) -> "pb2.AuditResponse":
         """Attribute a logged completion (text, or token ids for an exact replay), optionally replayed
-        under `interventions`. detail "causal" adds each selected token's exact family_drop
-        (`causal_indices`; empty = all, for completions of at most 16 tokens)."""
-        request = _audit_request(prompt, completion, detail, request_id, interventions, causal_indices)
+        under `interventions`. detail "causal" adds each selected token's exact family_drop and
+        family_refined (`causal_indices`; empty = all, for completions of at most 16 tokens);
+        `causal_pairs` = k ablates only the probe's k largest pairs per token (0 = all 3L)."""
+        request = _audit_request(prompt, completion, detail, request_id, interventions, causal_indices, causal_pairs)
         return self.stub.Audit(request, timeout=self._timeout(timeout_s), metadata=self.metadata)
 
     def audit_stream(self, prompt: PromptLike, completion: str | Sequence[int], *, detail: str = "unspecified",
                      request_id: str = "", interventions: Sequence = (), causal_indices: Sequence[int] = (),
-                     timeout_s: float | None = None) -> "AuditStream":
+                     causal_pairs: int = 0, timeout_s: float | None = None) -> "AuditStream":
         """`audit`, streamed: iterate for pb2.Token messages as the server attributes them; afterwards
         `summary` is the pb2.AuditSummary. For long completions."""
-        request = _audit_request(prompt, completion, detail, request_id, interventions, causal_indices)
+        request = _audit_request(prompt, completion, detail, request_id, interventions, causal_indices, causal_pairs)
         return AuditStream(self.stub.AuditStream(request, timeout=self._timeout(timeout_s), metadata=self.metadata))
 
     def model_info(self, timeout_s: float | None = None) -> "pb2.ModelInfo":

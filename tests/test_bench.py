@@ -20,7 +20,7 @@ def test_bench_json_contract(tiny_llama, tmp_path):
         [sys.executable, "-m", "tools.bench", "--model", str(tiny_llama), "--probe", str(probe),
          "--batch-sizes", "1,4", "--repetitions", "2", "--max-tokens", "8", "--enforce-eager",
          "--max-model-len", "512", "--service", "--streams", "1,2", "--audit-lengths", "16",
-         "--causal-tokens", "1,2", "--verify-fraction", "0.5",
+         "--causal-tokens", "1,2", "--causal-pairs", "0,2", "--verify-fraction", "0.5",
          "--json", "--out", str(md)],
         capture_output=True, text=True, timeout=1200, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -50,8 +50,10 @@ def test_bench_json_contract(tiny_llama, tmp_path):
     assert all(v > 0 for v in report["cost_model"]["probe_seconds_per_token"].values())
     assert "| 4 | attributed |" in md.read_text()
     # CAUSAL Audit rate and the cost of online verification
-    assert set(report["service"]["causal"]) == {"1", "2"}
-    assert all(row["tokens_per_second"] > 0 for row in report["service"]["causal"].values())
+    causal = report["service"]["causal"]
+    assert set(causal) == {"1", "2", "1/2", "2/2"}  # every pair, and the probe's 2 largest per token
+    assert causal["1"]["pairs"] == 3 * 4 and causal["1/2"]["pairs"] == 2  # the tiny Llama has L = 4 blocks
+    assert all(row["tokens_per_second"] > 0 for row in causal.values())
     verify = report["service"]["verify"]
     assert verify["streams"] == 2 and verify["tokens_per_second"] > 0 and verify["over_without"] > 0
     assert verify["verified_tokens"] >= 1

@@ -1,6 +1,7 @@
 """On the real default model (SmolLM2-135M-Instruct, shipped probe): an intervention changes the
 engine's greedy output exactly as on the transformers replica, a CAUSAL Audit's family_drop
-equals probe.ablation's exact drops within 1e-3 nats, the served direct logit attribution splits the
+equals probe.ablation's exact drops within 1e-3 nats (all 3L pairs, and the probe's 30 largest with
+causal_pairs = 30), the served direct logit attribution splits the
 replica's logit exactly, and ProbeInfo reports the shipped artifact's evaluation."""
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def test_default_model_interventions_and_family_drop(default_model, tmp_path):
         assert ablated == want
         assert greedy(model, prompt, 6)[0] == tokens
         audit = c.audit(prompt, tokens, detail="causal", causal_indices=[0, 1])
+        budget = c.audit(prompt, tokens, detail="causal", causal_indices=[0, 1], causal_pairs=30)
         info = c.model_info().probe
     # ProbeInfo carries the shipped artifact's evaluation (probe/artifacts/*.eval.json)
     import json
@@ -53,6 +55,8 @@ def test_default_model_interventions_and_family_drop(default_model, tmp_path):
     assert info.mean_profile_faithfulness_spearman == pytest.approx(
         head["mean_profile"]["per_token_spearman"]["value"], abs=1e-6)
     assert info.top_pair_hit == pytest.approx(head["family_attribution"]["top_pair_hit"]["value"], abs=1e-6)
+    assert info.metadata["evaluation"]["refinement"]["30"]["probe"]["per_token_spearman"] == pytest.approx(
+        ev["refinement"]["30"]["probe"]["per_token_spearman"], abs=1e-6)
     # direct logit attribution on the engine: the parts sum to the total, and the total is the
     # replica's logit of y minus the mean logit over the candidate set (host top-32 plus y)
     with torch.no_grad():
@@ -69,3 +73,10 @@ def test_default_model_interventions_and_family_drop(default_model, tmp_path):
     for j in range(2):
         got = torch.tensor([[r.qkv, r.attn_out, r.mlp_in] for r in audit.tokens[j].attribution.family_drop])
         assert (got - drop[j]).abs().max() <= 1e-3, (got - drop[j]).abs().max()
+        # probe-guided refinement: the probe's 30 largest pairs ablated (the same drops), the rest NaN
+        a = budget.tokens[j].attribution
+        score = torch.tensor([[r.qkv, r.attn_out, r.mlp_in] for r in a.family_attribution])
+        part = torch.tensor([[r.qkv, r.attn_out, r.mlp_in] for r in a.family_drop]).flatten()
+        top = torch.sort(score.flatten(), descending=True, stable=True).indices[:30]
+        assert torch.isfinite(part).sum() == 30 and torch.isfinite(part[top]).all()
+        assert (part[top] - drop[j].flatten()[top]).abs().max() <= 1e-3

@@ -73,6 +73,12 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
             assert m["ci"][0] <= m["ci"][1] and -1 <= m["value"] <= max(1.0, m["value"] * (metric == "top_vs_random"))
     # a token-independent profile has no share-centered signal (its centred shares are all 0)
     assert result["headline"]["faithfulness"]["mean_profile"]["share_centered_spearman"]["value"] == 0.0
+    # probe-guided refinement at the budgets below 3L = 9 (k = 3): each proposer's three target
+    # metrics; three exact ablations per token give even the constant profile token-specific shares
+    refine = result["refinement"]
+    assert list(refine) == ["3"] and set(refine["3"]) == {"probe", "mean_profile", "host_linearized"}
+    assert refine["3"]["probe"]["top_pair_hit"] == result["headline"]["faithfulness"]["refined_k3"]["top_pair_hit"]["value"]
+    assert refine["3"]["mean_profile"]["share_centered_spearman"] > 0
     assert read_metadata(artifact)["evaluation"]["tokens"] == result["tokens"]
     # more labels, then `train --head-of`: the evaluation reuses the depth curves (same trunk and
     # readout) and measures faithfulness anew; a probe with another trunk is refused

@@ -561,8 +561,29 @@ def test_causal_audit_family_drop_equals_replica_ablation(server, tiny_llama, pr
         assert (torch.tensor(got) - want[j]).abs().max() <= 1e-3, (t, got, want[j])
     assert all(len(audit.tokens[t].attribution.family_drop) == 0 for t in (1, 2, 4))
     assert want.abs().max() > 1e-2  # the drops are not all zero (else the check proves nothing)
+    per_family = ("qkv", "attn_out", "mlp_in")
+
+    def grid(msgs) -> torch.Tensor:
+        return torch.tensor([[getattr(r, f) for f in per_family] for r in msgs])
+
+    for j, t in enumerate(rows.tolist()):  # all 3L ablated: family_refined is |family_drop|
+        assert torch.equal(grid(audit.tokens[t].attribution.family_refined), grid(audit.tokens[t].attribution.family_drop).abs())
+    # probe-guided refinement: only the probe's k largest pairs are ablated, the rest NaN
+    k = 2
+    budget = server.client.audit(prompt, completion, detail="causal", causal_indices=[0, 3, 5], causal_pairs=k)
+    for j, t in enumerate(rows.tolist()):
+        a = budget.tokens[t].attribution
+        score, drop, refined = grid(a.family_attribution), grid(a.family_drop), grid(a.family_refined)
+        measured = torch.isfinite(drop).flatten()
+        top = torch.sort(score.flatten(), descending=True, stable=True).indices[:k]
+        assert measured.sum() == k and measured[top].all(), (t, score, drop)
+        assert (drop.flatten()[top] - want[j].flatten()[top]).abs().max() <= 1e-3
+        assert torch.equal(refined.flatten()[measured], drop.flatten()[measured].abs())
+        assert torch.equal(refined.flatten()[~measured], score.flatten()[~measured])
     for kwargs, field in (({"detail": "causal", "causal_indices": [6]}, "causal_indices[0]"),
-                          ({"detail": "summary", "causal_indices": [0]}, "causal_indices")):
+                          ({"detail": "summary", "causal_indices": [0]}, "causal_indices"),
+                          ({"detail": "causal", "causal_indices": [0], "causal_pairs": 3 * L + 1}, "causal_pairs"),
+                          ({"detail": "full", "causal_pairs": 1}, "causal_pairs")):
         with pytest.raises(grpc.RpcError) as err:
             server.client.audit(prompt, completion, **kwargs)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field_violations(err.value)[0][0] == field

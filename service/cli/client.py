@@ -113,6 +113,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--causal", action="store_true",
                    help="also compute each token's exact family_drop on the engine (detail causal; completions of "
                         "at most 16 tokens, or name them per line with \"causal_indices\")")
+    a.add_argument("--causal-pairs", type=int, default=0, metavar="K",
+                   help="with --causal: ablate only the K (block, family) pairs the probe ranks first per token "
+                        "(K + 1 engine requests instead of 3L + 1; family_refined combines them with the probe's "
+                        "prediction); 0 = all 3L")
     a.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     a.add_argument("--html", metavar="FILE", help="also write one self-contained HTML page with a section per "
                                                   "attributed line (everything in --out, in line order)")
@@ -296,6 +300,10 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from alignlens.service.server.convert import token_to_dict
 
+    if args.causal_pairs and not (args.causal or args.detail == "causal"):
+        raise SystemExit("alignlens audit: --causal-pairs needs --causal (or --detail causal)")
+    if args.causal_pairs < 0:
+        raise SystemExit(f"alignlens audit: --causal-pairs must be >= 0, not {args.causal_pairs}")
     out_path = Path(args.out)
     err_path = Path(args.errors or f"{args.out}.errors.jsonl")
     done = {**_finished_lines(out_path), **_finished_lines(err_path)}
@@ -327,7 +335,8 @@ def run_audit(args: argparse.Namespace) -> int:
         for attempt in range(len(_RETRY_DELAYS_S) + 1):
             try:
                 resp = client.audit(row["prompt"], row["completion"], detail="causal" if args.causal else args.detail,
-                                    request_id=str(rid)[:128], causal_indices=row.get("causal_indices", ()))
+                                    request_id=str(rid)[:128], causal_indices=row.get("causal_indices", ()),
+                                    causal_pairs=args.causal_pairs)
             except grpc.RpcError as err:
                 code = err.code().name
                 if code in _CLIENT_MISTAKES:

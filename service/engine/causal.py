@@ -19,7 +19,8 @@ every request of the group, so the drops describe the intervened forward.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from alignlens.service.engine.async_engine import intervention_salt
 from alignlens.service.engine.wire import CaptureOptions, Intervention
@@ -28,11 +29,14 @@ from alignlens.service.engine.wire import CaptureOptions, Intervention
 async def family_drops(engine, rid: str, prompt_ids: list[int], completion_ids: list[int], indices: Sequence[int],
                        n_blocks: int, base: tuple[Intervention, ...] = (),
                        gate: Callable[[], Awaitable[None]] | None = None,
-                       concurrency: int | None = None) -> dict[int, list[list[float]]]:
+                       concurrency: int | None = None,
+                       pairs: Mapping[int, Sequence[int]] | None = None) -> dict[int, list[list[float]]]:
     """{completion index: [L][3] drops in nats} for `indices`, computed on `engine` (a CaptureEngine).
 
     `gate`, when given, is awaited before each request is submitted (the background verifier waits
     there for an idle engine); `concurrency` bounds the requests in flight (default: all 3L at once).
+    `pairs`: per completion index, the pair indices 3 * (block - 1) + family to ablate (probe-guided
+    refinement, probe/refine.py); the others are NaN. A token absent from it gets all 3L.
     """
     limit = asyncio.Semaphore(concurrency or 3 * n_blocks + 1)
 
@@ -50,11 +54,14 @@ async def family_drops(engine, rid: str, prompt_ids: list[int], completion_ids: 
         # the block holding p is cached only when p ends it: then the group keeps to itself
         salt = f"alignlens-causal-{rid}-{t}" if (p + 1) % block_size == 0 else intervention_salt(base)
         clean = await logprob(f"{rid}-c{t}", seq, y, base, salt)
-        variants = [base + (Intervention(block=b, family=f, scale=0.0, start=p, end=p + 1),)
-                    for b in range(1, n_blocks + 1) for f in range(3)]
-        ablated = await asyncio.gather(*(logprob(f"{rid}-c{t}-{j}", seq, y, ivs, salt)
-                                         for j, ivs in enumerate(variants)))
-        out[t] = [[clean - ablated[3 * i + f] for f in range(3)] for i in range(n_blocks)]
+        chosen = sorted(set(pairs[t])) if pairs is not None and t in pairs else range(3 * n_blocks)
+        ablated = await asyncio.gather(*(
+            logprob(f"{rid}-c{t}-{j}", seq, y,
+                    base + (Intervention(block=j // 3 + 1, family=j % 3, scale=0.0, start=p, end=p + 1),), salt)
+            for j in chosen))
+        drop = dict(zip(chosen, ablated))
+        out[t] = [[clean - drop[3 * i + f] if 3 * i + f in drop else math.nan for f in range(3)]
+                  for i in range(n_blocks)]
     return out
 
 

@@ -77,20 +77,24 @@ def attribution_to_proto(attr: TokenAttribution) -> "pb2.TokenAttribution":
     _add_per_family(msg.family_importance, attr.family_importance)
     _add_per_family(msg.family_attribution, attr.family_attribution)
     _add_per_family(msg.family_drop, attr.family_drop)
+    _add_per_family(msg.family_refined, attr.family_refined)
     return msg
 
 
-def add_family_drop(msg: "pb2.TokenAttribution", rows: list[list[float]]) -> None:
-    """Set a built message's family_drop ([L][3] nats, engine/causal.py)."""
+def add_family_drop(msg: "pb2.TokenAttribution", drop: list[list[float]], refined: list[list[float]]) -> None:
+    """Set a built message's family_drop ([L][3] nats, engine/causal.py; NaN where not measured) and
+    family_refined ([L][3] nats, probe/refine.py)."""
     del msg.family_drop[:]
-    _add_per_family(msg.family_drop, rows)
+    del msg.family_refined[:]
+    _add_per_family(msg.family_drop, drop)
+    _add_per_family(msg.family_refined, refined)
 
 
 def attribution_from_proto(msg: "pb2.TokenAttribution") -> TokenAttribution:
     """Proto message -> the same record the worker produced."""
     return TokenAttribution(
         family_importance=_rows(msg.family_importance), family_attribution=_rows(msg.family_attribution),
-        family_drop=_rows(msg.family_drop),
+        family_drop=_rows(msg.family_drop), family_refined=_rows(msg.family_refined),
         top_directions=[Direction(block=d.block, family=_FAMILY_NAME[d.family], index=d.index, score=d.score)
                         for d in msg.top_directions],
         dla_attn_out_directions=[list(b.values) for b in msg.dla_attn_out_directions],

@@ -24,8 +24,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
 from alignlens.probe.record import Detail
+from alignlens.probe.refine import refined_attribution, select_pairs
 from alignlens.service.engine.async_engine import CaptureEngine, NewToken
 from alignlens.service.engine.causal import family_drops
 from alignlens.service.engine.wire import CaptureOptions, Intervention
@@ -218,9 +220,12 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                     token = _audit_token(new)
                     token.text = text.step([new.token_id])[0]
                     if new.index in causal:
+                        score = torch.tensor(new.attr.family_attribution)
+                        pairs = {new.index: select_pairs(score, inp.causal_pairs).tolist()} if inp.causal_pairs else None
                         drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids, [new.index],
-                                                   state.limits.n_blocks, inp.interventions)
-                        add_family_drop(token.attribution, drops[new.index])
+                                                   state.limits.n_blocks, inp.interventions, pairs=pairs)
+                        drop = drops[new.index]
+                        add_family_drop(token.attribution, drop, refined_attribution(score, torch.tensor(drop)).tolist())
                     yield queue_s, token
 
     async def GetModelInfo(self, request, context):

@@ -64,6 +64,7 @@ class AuditInput:
     detail: Detail = Detail.NONE
     interventions: tuple[Intervention, ...] = ()
     causal_indices: tuple[int, ...] = ()  # at Detail.CAUSAL: completion indices whose family_drop to compute
+    causal_pairs: int = 0  # at Detail.CAUSAL: pairs ablated per token, the probe's largest first; 0 = all 3L
 
 
 def request_id(value: str) -> str:
@@ -252,7 +253,18 @@ def audit_request(req, limits: ModelLimits) -> AuditInput:
         raise InvalidArgument("completion", f"prompt tokens ({len(ids)}) + completion tokens ({len(completion)}) "
                                             f"must be < {limits.max_model_len} (max_model_len)")
     return AuditInput(rid, ids, completion, level, interventions(req.interventions, limits),
-                      causal_indices(req.causal_indices, level, len(completion), limits))
+                      causal_indices(req.causal_indices, level, len(completion), limits),
+                      causal_pairs(req.causal_pairs, level, limits))
+
+
+def causal_pairs(value: int, level: Detail, limits: ModelLimits) -> int:
+    """The pairs a CAUSAL Audit ablates per token (0 = all 3L; probe-guided refinement otherwise)."""
+    if value and level != Detail.CAUSAL:
+        raise InvalidArgument("causal_pairs", "causal_pairs needs detail ATTRIBUTION_DETAIL_CAUSAL")
+    if value > 3 * limits.n_blocks:
+        raise InvalidArgument("causal_pairs", f"causal_pairs = {value} must be <= {3 * limits.n_blocks} "
+                                              "(3L: every (block, family) of the model; 0 also means all)")
+    return value
 
 
 def causal_indices(values, level: Detail, n_completion: int, limits: ModelLimits) -> tuple[int, ...]:

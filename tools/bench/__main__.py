@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-lengths", default="64,512", help="logged completion lengths for Audit (with --service)")
     p.add_argument("--causal-tokens", default="", help="with --service: CAUSAL Audits of this many tokens, "
                                                          "comma-separated (e.g. 1,4)")
+    p.add_argument("--causal-pairs", default="0", help="with --causal-tokens: (block, family) pairs ablated per token, "
+                                                        "comma-separated; 0 = all 3L, k = the probe's k largest "
+                                                        "(e.g. 0,3,10,30)")
     p.add_argument("--verify-fraction", type=float, default=0.0,
                    help="with --service: also measure the largest stream count through a server with this "
                         "--verify-fraction")
@@ -77,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
         report["service"] = bench_service(config.model, probe, [int(n) for n in args.streams.split(",")],
                                           args.max_tokens, [int(n) for n in args.audit_lengths.split(",")],
                                           args.repetitions, BENCH_PROMPTS, serve_args,
-                                          [int(n) for n in args.causal_tokens.split(",") if n])
+                                          [int(n) for n in args.causal_tokens.split(",") if n],
+                                          [int(k) for k in args.causal_pairs.split(",") if k])
         from tools.bench.engines import service_over_engine
 
         report["service"]["over_engine_direct"] = {

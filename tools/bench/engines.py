@@ -270,9 +270,9 @@ def markdown_table(report: dict) -> str:
                          f"{row['no_attribution_tokens_per_second']:.1f} |")
     causal = (service or {}).get("causal")
     if causal:
-        lines += ["", "CAUSAL Audit (exact family_drop, 3L + 1 engine requests per token): " + ", ".join(
-            f"{n} tokens in {row['seconds']:.1f} s ({row['tokens_per_second']:.2f} tokens/s)"
-            for n, row in causal.items()) + "."]
+        lines += ["", "CAUSAL Audit (exact family_drop, pairs + 1 engine requests per token): " + ", ".join(
+            f"{row.get('tokens', n)} tokens x {row.get('pairs', '3L')} pairs in {row['seconds']:.1f} s "
+            f"({row['tokens_per_second']:.2f} tokens/s)" for n, row in causal.items()) + "."]
     verify = (service or {}).get("verify")
     if verify:
         over = verify.get("over_engine_stock")

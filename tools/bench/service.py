@@ -116,9 +116,12 @@ def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Pat
     return out
 
 
-def run_causal(target: str, counts: list[int], model_path: Path) -> dict:
+def run_causal(target: str, counts: list[int], model_path: Path, budgets: list[int] = (0,)) -> dict:
     """CAUSAL Audits of the first n tokens of a logged completion: tokens explained per second
-    (each token is 3L + 1 engine requests; engine/causal.py)."""
+    (each token is 3L + 1 engine requests, or causal_pairs + 1 with a budget; engine/causal.py).
+    Keys: "n" for all 3L pairs, "n/k" for a budget of k pairs per token."""
+    import math
+
     from transformers import AutoTokenizer
 
     from alignlens.service.client import AttributionClient
@@ -126,14 +129,20 @@ def run_causal(target: str, counts: list[int], model_path: Path) -> dict:
     ids = AutoTokenizer.from_pretrained(str(model_path))(AUDIT_TEXT)["input_ids"][:max(counts)]
     out = {}
     with AttributionClient(target, timeout_s=3600) as client:
-        for n in counts:
-            t0 = time.perf_counter()
-            resp = client.audit(f"[causal {n}] {AUDIT_PROMPT}", ids, detail="causal", causal_indices=list(range(n)))
-            seconds = time.perf_counter() - t0
-            if not all(len(resp.tokens[t].attribution.family_drop) > 0 for t in range(n)):
-                raise RuntimeError(f"CAUSAL Audit of {n} tokens returned tokens without family_drop")
-            out[str(n)] = {"seconds": seconds, "tokens_per_second": n / seconds}
-            log.info("causal: %d tokens explained in %.1f s", n, seconds)
+        for k in budgets:
+            for n in counts:
+                t0 = time.perf_counter()
+                resp = client.audit(f"[causal {n}/{k}] {AUDIT_PROMPT}", ids, detail="causal",
+                                    causal_indices=list(range(n)), causal_pairs=k)
+                seconds = time.perf_counter() - t0
+                measured = [sum(math.isfinite(v) for r in resp.tokens[t].attribution.family_drop
+                                for v in (r.qkv, r.attn_out, r.mlp_in)) for t in range(n)]
+                if not all(m == (k or 3 * len(resp.tokens[t].attribution.family_drop)) and m
+                           for t, m in enumerate(measured)):
+                    raise RuntimeError(f"CAUSAL Audit of {n} tokens ({k} pairs) measured {measured} pairs per token")
+                out[f"{n}/{k}" if k else str(n)] = {"tokens": n, "pairs": k or measured[0], "seconds": seconds,
+                                                    "tokens_per_second": n / seconds}
+                log.info("causal: %d tokens explained in %.1f s (%d pairs each)", n, seconds, k or measured[0])
     return out
 
 
@@ -170,7 +179,7 @@ def verify_cost(model: str, probe: str | None, n: int, max_tokens: int, repetiti
 
 def bench_service(model: str, probe: str | None, streams: list[int], max_tokens: int, audit_lengths: list[int],
                   repetitions: int, prompts: list[str], serve_args: list[str] | None = None,
-                  causal_tokens: list[int] = ()) -> dict:
+                  causal_tokens: list[int] = (), causal_pairs: list[int] = (0,)) -> dict:
     from alignlens.service.modelstore import resolve_model
 
     model_path = resolve_model(model)
@@ -200,7 +209,7 @@ def bench_service(model: str, probe: str | None, streams: list[int], max_tokens:
         audit = run_audit(server.target, audit_lengths, repetitions, model_path)
         for n, row in audit.items():
             log.info("audit: %s tokens -> %.1f tokens/s", n, row["tokens_per_second"])
-        causal = run_causal(server.target, list(causal_tokens), model_path) if causal_tokens else None
+        causal = run_causal(server.target, list(causal_tokens), model_path, list(causal_pairs)) if causal_tokens else None
         single = stream_results.get("1", {}).get("tokens_per_second")
         for row in audit.values():
             row["over_generate_per_stream"] = row["tokens_per_second"] / single if single else None
