@@ -319,7 +319,7 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
         # probe-guided causal refinement (probe/refine.py): k exact ablations where the scorer ranks
         # first, its own prediction elsewhere; the same budget spent by the null and by the host's
         # linearized effect are its baselines
-        proposers = {"refined": out_t["family_attribution"], "refined_host_linearized": lin.abs()}
+        proposers = {"refined_family_attribution": out_t["family_attribution"], "refined_host_linearized": lin.abs()}
         if mean_profile is not None:
             proposers["refined_mean_profile"] = scorers["mean_profile"]
         for k in (k for k in REFINE_BUDGETS if k < 3 * L):  # 3L ablations are exact by construction
@@ -400,11 +400,10 @@ def headline_keys(head: dict, L: int) -> dict:
            "null_faithfulness_spearman": f["untrained_head"]["per_token_spearman"]["value"],
            "null_faithfulness_top_vs_random": f["untrained_head"]["top_vs_random"]["value"],
            "mean_crystallization_depth": head["mean_crystallization_depth"]}
-    refinement = {}  # per budget k: the three target metrics of each proposer (probe/refine.py)
+    refinement = {}  # per budget k: the three target metrics of refined_{proposer}_k{k} (probe/refine.py)
     for k in REFINE_BUDGETS:
-        row = {name: {m: f[f"{scorer}_k{k}"][m]["value"] for m in REFINE_METRICS}
-               for name, scorer in (("probe", "refined"), ("mean_profile", "refined_mean_profile"),
-                                    ("host_linearized", "refined_host_linearized")) if f"{scorer}_k{k}" in f}
+        row = {name: {m: f[f"refined_{name}_k{k}"][m]["value"] for m in REFINE_METRICS}
+               for name in ("family_attribution", "mean_profile", "host_linearized") if f"refined_{name}_k{k}" in f}
         if row:
             refinement[str(k)] = row
     if refinement:

@@ -7,7 +7,9 @@ generation (a prompt and its attributed tokens, as `server.convert.token_to_dict
 - a token x depth heatmap of `depth_importance` (depths 0..L), crystallization marked;
 - each token's family shares (qkv / attn_out / mlp_in over the whole decision, `family_shares`);
 - the direct logit attribution: a token x component heatmap (embed, attn 1..L, mlp 1..L) in logit
-  nats, diverging colours, with `dla_total`.
+  nats, diverging colours, with `dla_total`;
+- for tokens of a CAUSAL Audit, the probe's family_attribution beside the engine's exact
+  family_drop (grey where causal_pairs left a pair unmeasured) and their rank correlation.
 `render_png(section, path)` draws the depth heatmap with crystallization and the family shares
 with Pillow, for reports that take a static figure.
 """
@@ -15,11 +17,12 @@ with Pillow, for reports that take a static figure.
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass, field
 
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import TokenAttribution
-from alignlens.service.server.convert import family_shares, top_dla, top_pair
+from alignlens.service.server.convert import attribution_from_dict, family_shares, top_dla, top_pair
 
 FAMILY_COLOURS = {"qkv": "#4c78a8", "attn_out": "#f58518", "mlp_in": "#54a24b"}
 CELL_W, CELL_H = 22, 9
@@ -35,7 +38,7 @@ class Section:
 
     @property
     def attributed(self) -> list[tuple[dict, TokenAttribution]]:
-        return [(t, TokenAttribution.from_dict(t["attribution"])) for t in self.tokens if t.get("attribution")]
+        return [(t, attribution_from_dict(t["attribution"])) for t in self.tokens if t.get("attribution")]
 
 
 def _depth_colour(depth: int, n_depths: int) -> str:
@@ -146,6 +149,76 @@ def _dla_heatmap(section: Section, n_blocks: int) -> str:
     return "".join(out)
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks 0..n-1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for m in range(i, j + 1):
+            ranks[order[m]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation of two equal-length lists; None when either is constant or n < 3."""
+    if len(x) < 3:
+        return None
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
+
+
+def _causal_heatmap(section: Section, n_blocks: int) -> str:
+    """For each token with family_drop (a CAUSAL Audit): the probe's family_attribution (predicted
+    |drop|, nats) above the engine's exact family_drop (signed; grey: not measured, causal_pairs < 3L),
+    columns qkv 1..L | attn_out 1..L | mlp_in 1..L, and their rank correlation over the measured pairs."""
+    rows = [(t, a) for t, a in section.attributed if a.family_drop]
+    if not rows:
+        return ""
+    cw = 7
+    cols = [(f, b) for f in range(len(FAMILIES)) for b in range(n_blocks)]
+    vmax = max(max(a.family_attribution[b][f], abs(a.family_drop[b][f]) if math.isfinite(a.family_drop[b][f]) else 0.0)
+               for _, a in rows for f, b in cols)
+    height = 24 + len(rows) * (2 * (CELL_H + 2) + 4)
+    out = [f'<svg id="causal-svg" width="{200 + len(cols) * cw}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    for f, name in enumerate(FAMILIES):
+        out.append(f'<text x="{110 + f * n_blocks * cw}" y="10" class="axis">{name} 1..L</text>')
+    y = 16
+    for t, a in rows:
+        pred = [a.family_attribution[b][f] for f, b in cols]
+        drop = [a.family_drop[b][f] for f, b in cols]
+        measured = [i for i, d in enumerate(drop) if math.isfinite(d)]  # NaN: not ablated
+        rho = spearman([pred[i] for i in measured], [abs(drop[i]) for i in measured])
+        for kind, values in (("predicted", pred), ("exact", drop)):
+            label = f'{t["text"][:10]} {"pred" if kind == "predicted" else "exact"}'
+            out.append(f'<text x="0" y="{y + CELL_H - 1}" class="label">{_esc(label)}</text>')
+            for c, ((f, b), v) in enumerate(zip(cols, values, strict=True)):
+                where = f"token {t['index']} block {b + 1} {FAMILIES[f]}"
+                if not math.isfinite(v):
+                    out.append(f'<rect class="unmeasured" x="{110 + c * cw}" y="{y}" width="{cw - 1}" '
+                               f'height="{CELL_H}" fill="#ddd"><title>{where}: not ablated (causal_pairs)'
+                               '</title></rect>')
+                else:
+                    fill = _heat(v, vmax) if kind == "predicted" else _diverging(v, vmax)
+                    out.append(f'<rect x="{110 + c * cw}" y="{y}" width="{cw - 1}" height="{CELL_H}" fill="{fill}">'
+                               f'<title>{where}: {kind} {v:+.3f} nats</title></rect>')
+            y += CELL_H + 2
+        note = "-" if rho is None else f"{rho:+.2f}"
+        out.append(f'<text x="{116 + len(cols) * cw}" y="{y - CELL_H - 3}" class="label">rank corr. {note} '
+                   f'({len(measured)} pairs)<title>Spearman of predicted and |exact| over the measured pairs'
+                   '</title></text>')
+        y += 4
+    out.append("</svg>")
+    return "".join(out)
+
+
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:20px} h2{font-size:16px;margin-top:28px} h3{font-size:14px;margin:14px 0 6px}
@@ -185,7 +258,12 @@ def render_html(sections: list[Section], *, title: str, model: str = "", n_layer
                       f'<span style="background:{FAMILY_COLOURS[f]}">{f}</span>' for f in FAMILIES) + "</p>",
                   f'<div class="family-shares">{_family_bars(section)}</div>',
                   '<h3>Direct logit attribution (logit nats; green raises the token, red lowers it)</h3>',
-                  f'<div class="dla">{_dla_heatmap(section, L)}</div></section>']
+                  f'<div class="dla">{_dla_heatmap(section, L)}</div>']
+        causal = _causal_heatmap(section, L)
+        if causal:
+            parts += ['<h3>Checked on the engine (CAUSAL Audit): predicted |drop| above the exact drop, nats; '
+                      'green: the family supported the token; grey: not ablated</h3>', f'<div class="causal">{causal}</div>']
+        parts.append("</section>")
     parts.append("</body></html>")
     return "".join(parts)
 

@@ -12,7 +12,9 @@ import torch
 from alignlens.probe.ablation import DecisionAblator
 from alignlens.probe.attribution import Attributor
 from alignlens.probe.intervene import Spec, greedy
+from alignlens.probe.refine import select_pairs
 from alignlens.service.client import AttributionClient, intervention
+from alignlens.service.server.convert import per_family_rows
 from tests.support.capture_check import load_replica
 from tools.serve_process import ServeProcess
 
@@ -55,8 +57,9 @@ def test_default_model_interventions_and_family_drop(default_model, tmp_path):
     assert info.mean_profile_faithfulness_spearman == pytest.approx(
         head["mean_profile"]["per_token_spearman"]["value"], abs=1e-6)
     assert info.top_pair_hit == pytest.approx(head["family_attribution"]["top_pair_hit"]["value"], abs=1e-6)
-    assert info.metadata["evaluation"]["refinement"]["30"]["probe"]["per_token_spearman"] == pytest.approx(
-        ev["refinement"]["30"]["probe"]["per_token_spearman"], abs=1e-6)
+    refined = info.metadata["evaluation"]["refinement"]["30"]["family_attribution"]
+    assert refined["per_token_spearman"] == pytest.approx(
+        ev["refinement"]["30"]["family_attribution"]["per_token_spearman"], abs=1e-6)
     # direct logit attribution on the engine: the parts sum to the total, and the total is the
     # replica's logit of y minus the mean logit over the candidate set (host top-32 plus y)
     with torch.no_grad():
@@ -71,12 +74,11 @@ def test_default_model_interventions_and_family_drop(default_model, tmp_path):
     idx = torch.tensor([0, 1])
     _base, drop = ablator.drops(torch.tensor(prompt + tokens), len(prompt) - 1 + idx, torch.tensor(tokens)[idx])
     for j in range(2):
-        got = torch.tensor([[r.qkv, r.attn_out, r.mlp_in] for r in audit.tokens[j].attribution.family_drop])
+        got = torch.tensor(per_family_rows(audit.tokens[j].attribution.family_drop))
         assert (got - drop[j]).abs().max() <= 1e-3, (got - drop[j]).abs().max()
         # probe-guided refinement: the probe's 30 largest pairs ablated (the same drops), the rest NaN
         a = budget.tokens[j].attribution
-        score = torch.tensor([[r.qkv, r.attn_out, r.mlp_in] for r in a.family_attribution])
-        part = torch.tensor([[r.qkv, r.attn_out, r.mlp_in] for r in a.family_drop]).flatten()
-        top = torch.sort(score.flatten(), descending=True, stable=True).indices[:30]
-        assert torch.isfinite(part).sum() == 30 and torch.isfinite(part[top]).all()
+        part = torch.tensor(per_family_rows(a.family_drop)).flatten()
+        top = select_pairs(torch.tensor(per_family_rows(a.family_attribution)), 30)
+        assert (~part.isnan()).sum() == 30 and not part[top].isnan().any()
         assert (part[top] - drop[j].flatten()[top]).abs().max() <= 1e-3

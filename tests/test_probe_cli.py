@@ -76,8 +76,10 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     # probe-guided refinement at the budgets below 3L = 9 (k = 3): each proposer's three target
     # metrics; three exact ablations per token give even the constant profile token-specific shares
     refine = result["refinement"]
-    assert list(refine) == ["3"] and set(refine["3"]) == {"probe", "mean_profile", "host_linearized"}
-    assert refine["3"]["probe"]["top_pair_hit"] == result["headline"]["faithfulness"]["refined_k3"]["top_pair_hit"]["value"]
+    assert list(refine) == ["3"] and set(refine["3"]) == {"family_attribution", "mean_profile", "host_linearized"}
+    head = result["headline"]["faithfulness"]
+    hit = head["refined_family_attribution_k3"]["top_pair_hit"]["value"]
+    assert refine["3"]["family_attribution"]["top_pair_hit"] == hit
     assert refine["3"]["mean_profile"]["share_centered_spearman"] > 0
     assert read_metadata(artifact)["evaluation"]["tokens"] == result["tokens"]
     # more labels, then `train --head-of`: the evaluation reuses the depth curves (same trunk and

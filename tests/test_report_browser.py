@@ -39,10 +39,15 @@ def test_report_renders_in_headless_chromium(tiny_llama, tmp_path):
             stream = client.generate("The capital of France is", max_tokens=12, detail="full", ignore_eos=True)
             tokens = [token_to_dict(t) for t in stream]
             info = client.model_info()
+            # a CAUSAL Audit of two of them, 4 pairs each: the engine-checked panel, grey where not ablated
+            audit = client.audit(list(stream.finished.prompt_token_ids), [t["token_id"] for t in tokens],
+                                 detail="causal", causal_indices=[0, 5], causal_pairs=4)
+            audited = [token_to_dict(t) for t in audit.tokens]
     finally:
         srv.stop()
     page = tmp_path / "report.html"
-    page.write_text(render_html([Section("generate", "The capital of France is", tokens)], title="alignlens report",
+    page.write_text(render_html([Section("generate", "The capital of France is", tokens),
+                                 Section("audit", "The capital of France is", audited)], title="alignlens report",
                                 model=info.name, n_layers=info.n_layers))
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",  # no network at view time
@@ -57,4 +62,7 @@ def test_report_renders_in_headless_chromium(tiny_llama, tmp_path):
     dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     for element in ('id="text-0"', 'id="depth-heatmap-svg"', 'id="family-shares-svg"', 'id="dla-svg"'):
         assert element in dom, element
-    assert dom.count('class="tok"') == 12
+    assert dom.count('class="tok"') == 24
+    # the causal panel: only the audit's two CAUSAL tokens, 3L - 4 pairs of each not ablated
+    assert dom.count('id="causal-svg"') == 1 and dom.count("rank corr.") == 2
+    assert dom.count('class="unmeasured"') == 2 * (3 * info.n_layers - 4)

@@ -316,6 +316,29 @@ def test_cli_generate_json_and_audit(server, tmp_path):
     logs.write_text(logs.read_text().replace("and so on", "and more"))
     changed = subprocess.run(audit, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert changed.returncode != 0 and "not the line" in changed.stderr
+    # --causal --causal-pairs 2: standard JSON (the pairs not ablated are null, not NaN), the budget
+    # kept in the record, the engine-checked panel in the page, and no resume with another budget
+    one, causal_out, page = tmp_path / "one.jsonl", tmp_path / "causal.jsonl", tmp_path / "causal.html"
+    one.write_text(json.dumps({"id": "a", "prompt": prompt_ids, "completion": ids[:2]}) + "\n")
+    causal = [*cli, "audit", "--in", str(one), "--out", str(causal_out), "--causal", "--causal-pairs", "2",
+              "--html", str(page), *target]
+    out = subprocess.run(causal, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    def strict(constant):
+        raise ValueError(f"not standard JSON: {constant}")
+
+    record = json.loads(causal_out.read_text(), parse_constant=strict)
+    assert record["detail"] == "causal" and record["causal_pairs"] == 2
+    for token in record["tokens"]:
+        drop = token["attribution"]["family_drop"]
+        assert sum(v is not None for row in drop for v in row) == 2 and len(drop) == server.client.model_info().n_layers
+    L = len(record["tokens"][0]["attribution"]["family_drop"])
+    html = page.read_text()
+    assert html.count('class="unmeasured"') == 2 * (3 * L - 2) and html.count("rank corr.") == 2
+    other = subprocess.run([*cli, "audit", "--in", str(one), "--out", str(causal_out), "--causal",
+                            "--causal-pairs", "3", *target], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert other.returncode != 0 and "was made with" in other.stderr
 
 
 def test_audit_stream_equals_audit(server):
@@ -537,11 +560,14 @@ def test_interventions_through_the_server(server, tiny_llama, probe_path):
 
 
 def test_causal_audit_family_drop_equals_replica_ablation(server, tiny_llama, probe_path):
-    """detail CAUSAL: the engine's family_drop equals probe.ablation's exact drops on the replica."""
+    """detail CAUSAL: the engine's family_drop equals probe.ablation's exact drops on the replica (all
+    3L pairs, and the probe's 3L - 2 largest with causal_pairs), family_refined combines them."""
     from alignlens.probe.ablation import DecisionAblator
     from alignlens.probe.artifact import read_metadata
     from alignlens.probe.host import Host
+    from alignlens.probe.refine import select_pairs
     from alignlens.probe.svd import load_or_compute
+    from alignlens.service.server.convert import per_family_rows
     from tests.support.capture_check import load_replica
 
     tokens, fin = _generate(server.client, PROMPTS[1], max_tokens=6, temperature=0.0, ignore_eos=True,
@@ -561,25 +587,25 @@ def test_causal_audit_family_drop_equals_replica_ablation(server, tiny_llama, pr
         assert (torch.tensor(got) - want[j]).abs().max() <= 1e-3, (t, got, want[j])
     assert all(len(audit.tokens[t].attribution.family_drop) == 0 for t in (1, 2, 4))
     assert want.abs().max() > 1e-2  # the drops are not all zero (else the check proves nothing)
-    per_family = ("qkv", "attn_out", "mlp_in")
-
-    def grid(msgs) -> torch.Tensor:
-        return torch.tensor([[getattr(r, f) for f in per_family] for r in msgs])
-
-    for j, t in enumerate(rows.tolist()):  # all 3L ablated: family_refined is |family_drop|
-        assert torch.equal(grid(audit.tokens[t].attribution.family_refined), grid(audit.tokens[t].attribution.family_drop).abs())
-    # probe-guided refinement: only the probe's k largest pairs are ablated, the rest NaN
-    k = 2
+    for t in rows.tolist():  # all 3L ablated: family_refined is |family_drop|
+        a = audit.tokens[t].attribution
+        assert per_family_rows(a.family_refined) == [[abs(v) for v in r] for r in per_family_rows(a.family_drop)]
+    assert all(len(audit.tokens[t].attribution.family_refined) == 0 for t in (1, 2, 4))
+    # probe-guided refinement: only the probe's k largest pairs are ablated (the same drops), the rest NaN
+    k = 3 * L - 2
     budget = server.client.audit(prompt, completion, detail="causal", causal_indices=[0, 3, 5], causal_pairs=k)
     for j, t in enumerate(rows.tolist()):
         a = budget.tokens[t].attribution
-        score, drop, refined = grid(a.family_attribution), grid(a.family_drop), grid(a.family_refined)
-        measured = torch.isfinite(drop).flatten()
-        top = torch.sort(score.flatten(), descending=True, stable=True).indices[:k]
+        score, drop = torch.tensor(per_family_rows(a.family_attribution)), torch.tensor(per_family_rows(a.family_drop))
+        refined = torch.tensor(per_family_rows(a.family_refined))
+        measured = ~torch.isnan(drop).flatten()
+        top = select_pairs(score, k)
         assert measured.sum() == k and measured[top].all(), (t, score, drop)
+        assert len({int(i) // 3 for i in top}) == L  # every block has a measured pair: block order checked too
         assert (drop.flatten()[top] - want[j].flatten()[top]).abs().max() <= 1e-3
         assert torch.equal(refined.flatten()[measured], drop.flatten()[measured].abs())
         assert torch.equal(refined.flatten()[~measured], score.flatten()[~measured])
+    assert all(len(budget.tokens[t].attribution.family_drop) == 0 for t in (1, 2, 4))
     for kwargs, field in (({"detail": "causal", "causal_indices": [6]}, "causal_indices[0]"),
                           ({"detail": "summary", "causal_indices": [0]}, "causal_indices"),
                           ({"detail": "causal", "causal_indices": [0], "causal_pairs": 3 * L + 1}, "causal_pairs"),

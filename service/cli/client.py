@@ -300,13 +300,24 @@ def run_audit(args: argparse.Namespace) -> int:
 
     from alignlens.service.server.convert import token_to_dict
 
-    if args.causal_pairs and not (args.causal or args.detail == "causal"):
-        raise SystemExit("alignlens audit: --causal-pairs needs --causal (or --detail causal)")
     if args.causal_pairs < 0:
         raise SystemExit(f"alignlens audit: --causal-pairs must be >= 0, not {args.causal_pairs}")
+    detail = "causal" if args.causal else args.detail
+    if args.causal_pairs and detail != "causal":
+        raise SystemExit("alignlens audit: --causal-pairs needs --causal (or --detail causal)")
+    settings = {"detail": detail, "causal_pairs": args.causal_pairs}  # kept in every record
     out_path = Path(args.out)
     err_path = Path(args.errors or f"{args.out}.errors.jsonl")
     done = {**_finished_lines(out_path), **_finished_lines(err_path)}
+    if out_path.exists():
+        for line in out_path.read_text().splitlines():
+            try:
+                earlier = {k: v for k, v in json.loads(line).items() if k in settings}
+            except (ValueError, AttributeError):
+                continue
+            if earlier and earlier != settings:
+                raise SystemExit(f"alignlens audit: {args.out} was made with {earlier}, not {settings}; resume with "
+                                 "the same options or use another --out")
     todo: list[tuple[int, str, dict]] = []
     malformed: list[dict] = []
     with open(args.inp, "rb") as fh:
@@ -334,9 +345,8 @@ def run_audit(args: argparse.Namespace) -> int:
         rid = row.get("id", n)
         for attempt in range(len(_RETRY_DELAYS_S) + 1):
             try:
-                resp = client.audit(row["prompt"], row["completion"], detail="causal" if args.causal else args.detail,
-                                    request_id=str(rid)[:128], causal_indices=row.get("causal_indices", ()),
-                                    causal_pairs=args.causal_pairs)
+                resp = client.audit(row["prompt"], row["completion"], detail=detail, request_id=str(rid)[:128],
+                                    causal_indices=row.get("causal_indices", ()), causal_pairs=args.causal_pairs)
             except grpc.RpcError as err:
                 code = err.code().name
                 if code in _CLIENT_MISTAKES:
@@ -345,7 +355,7 @@ def run_audit(args: argparse.Namespace) -> int:
                     return "retry", {"line": n, "reason": f"{code}: {err.details()}"}
                 time.sleep(_RETRY_DELAYS_S[attempt])
                 continue
-            return "ok", {"line": n, "input_sha": key, "id": rid, "prompt_tokens": resp.prompt_tokens,
+            return "ok", {"line": n, "input_sha": key, "id": rid, **settings, "prompt_tokens": resp.prompt_tokens,
                           "tokens": [token_to_dict(t) for t in resp.tokens]}
         raise AssertionError("unreachable")
 

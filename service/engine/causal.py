@@ -9,7 +9,8 @@ exactly probe.ablation's drop.
 
 Cost and the prefix cache. The ablation touches position p only, so the KV of positions < p is the
 clean one and is shared: the clean request runs first and leaves the full blocks before p in the
-prefix cache, then the 3L variants run together and each recomputes only the block holding p. A
+prefix cache, then the 3L variants (or the `pairs` chosen for the token: probe-guided refinement,
+probe/refine.py) run together and each recomputes only the block holding p. A
 variant's intervened KV must never be served to anyone else: vLLM caches full blocks only, so when
 p ends a block ((p + 1) % block_size == 0) the token's whole group runs under a cache salt of its
 own (it then shares its prefix only within the group). Interventions of the Audit itself apply to
@@ -55,6 +56,8 @@ async def family_drops(engine, rid: str, prompt_ids: list[int], completion_ids: 
         salt = f"alignlens-causal-{rid}-{t}" if (p + 1) % block_size == 0 else intervention_salt(base)
         clean = await logprob(f"{rid}-c{t}", seq, y, base, salt)
         chosen = sorted(set(pairs[t])) if pairs is not None and t in pairs else range(3 * n_blocks)
+        if not all(0 <= j < 3 * n_blocks for j in chosen):
+            raise ValueError(f"pairs[{t}] = {list(chosen)}: pair indices are 0..{3 * n_blocks - 1}")
         ablated = await asyncio.gather(*(
             logprob(f"{rid}-c{t}-{j}", seq, y,
                     base + (Intervention(block=j // 3 + 1, family=j % 3, scale=0.0, start=p, end=p + 1),), salt)

@@ -18,6 +18,8 @@ importance is 0.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 
 from alignlens.probe.names import FAMILIES
@@ -59,8 +61,8 @@ def _add_per_family(field, rows) -> None:
         field.add(qkv=qkv, attn_out=attn_out, mlp_in=mlp_in)
 
 
-def _rows(msgs) -> list[list[float]]:
-    """[L] PerFamily messages -> [L][3] floats."""
+def per_family_rows(msgs) -> list[list[float]]:
+    """[L] PerFamily messages -> [L][3] floats (qkv, attn_out, mlp_in)."""
     return [[getattr(m, f) for f in FAMILIES] for m in msgs]
 
 
@@ -93,8 +95,9 @@ def add_family_drop(msg: "pb2.TokenAttribution", drop: list[list[float]], refine
 def attribution_from_proto(msg: "pb2.TokenAttribution") -> TokenAttribution:
     """Proto message -> the same record the worker produced."""
     return TokenAttribution(
-        family_importance=_rows(msg.family_importance), family_attribution=_rows(msg.family_attribution),
-        family_drop=_rows(msg.family_drop), family_refined=_rows(msg.family_refined),
+        family_importance=per_family_rows(msg.family_importance),
+        family_attribution=per_family_rows(msg.family_attribution),
+        family_drop=per_family_rows(msg.family_drop), family_refined=per_family_rows(msg.family_refined),
         top_directions=[Direction(block=d.block, family=_FAMILY_NAME[d.family], index=d.index, score=d.score)
                         for d in msg.top_directions],
         dla_attn_out_directions=[list(b.values) for b in msg.dla_attn_out_directions],
@@ -143,8 +146,19 @@ def top_dla(attr: TokenAttribution) -> tuple[str, float] | None:
 
 
 def token_to_dict(token: "pb2.Token") -> dict:
-    """A streamed/audited Token as JSON-ready dict (attribution in record layout, or None)."""
+    """A streamed/audited Token as JSON-ready dict (attribution in record layout, or None). A
+    family_drop pair the engine did not ablate (NaN: Audit causal_pairs < 3L) is null, so that the
+    output is standard JSON; attribution_from_dict reads it back."""
+    attribution = None
+    if token.HasField("attribution"):
+        attribution = msgspec.to_builtins(attribution_from_proto(token.attribution))
+        attribution["family_drop"] = [[None if math.isnan(v) else v for v in row] for row in attribution["family_drop"]]
     return {"index": token.index, "token_id": token.token_id, "text": token.text,
-            "logprob": token.logprob if token.HasField("logprob") else None,
-            "attribution": (msgspec.to_builtins(attribution_from_proto(token.attribution))
-                            if token.HasField("attribution") else None)}
+            "logprob": token.logprob if token.HasField("logprob") else None, "attribution": attribution}
+
+
+def attribution_from_dict(d: dict) -> TokenAttribution:
+    """token_to_dict's "attribution" (or a JSON line of `alignlens audit --out`) -> the record, with
+    the unmeasured family_drop pairs (null) as NaN again."""
+    d = {**d, "family_drop": [[math.nan if v is None else v for v in row] for row in d.get("family_drop", [])]}
+    return TokenAttribution.from_dict(d)

@@ -221,11 +221,14 @@ class AttributionServicer(pb2_grpc.AttributionServiceServicer):
                     token.text = text.step([new.token_id])[0]
                     if new.index in causal:
                         score = torch.tensor(new.attr.family_attribution)
-                        pairs = {new.index: select_pairs(score, inp.causal_pairs).tolist()} if inp.causal_pairs else None
+                        pairs = None
+                        if inp.causal_pairs:  # probe-guided refinement: only the probe's largest pairs
+                            pairs = {new.index: select_pairs(score, inp.causal_pairs).tolist()}
                         drops = await family_drops(engine, rid, inp.prompt_ids, inp.completion_ids, [new.index],
                                                    state.limits.n_blocks, inp.interventions, pairs=pairs)
                         drop = drops[new.index]
-                        add_family_drop(token.attribution, drop, refined_attribution(score, torch.tensor(drop)).tolist())
+                        refined = refined_attribution(score, torch.tensor(drop)).tolist()
+                        add_family_drop(token.attribution, drop, refined)
                     yield queue_s, token
 
     async def GetModelInfo(self, request, context):

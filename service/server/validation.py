@@ -24,7 +24,8 @@ MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 MAX_SEED = 2**63 - 1
 MAX_INTERVENTIONS = 64  # per request
-MAX_CAUSAL_TOKENS = 16  # completion tokens one CAUSAL Audit explains (each costs 3L + 1 engine requests)
+# completion tokens one CAUSAL Audit explains (each costs causal_pairs + 1 engine requests, 3L + 1 by default)
+MAX_CAUSAL_TOKENS = 16
 MAX_ABS_SCALE = 100.0  # |Intervention.scale|
 CHAT_ROLES = ("system", "user", "assistant")
 

@@ -24,6 +24,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from tools.serve_process import ServeProcess
@@ -116,7 +117,7 @@ def run_audit(target: str, lengths: list[int], repetitions: int, model_path: Pat
     return out
 
 
-def run_causal(target: str, counts: list[int], model_path: Path, budgets: list[int] = (0,)) -> dict:
+def run_causal(target: str, counts: Sequence[int], model_path: Path, budgets: Sequence[int] = (0,)) -> dict:
     """CAUSAL Audits of the first n tokens of a logged completion: tokens explained per second
     (each token is 3L + 1 engine requests, or causal_pairs + 1 with a budget; engine/causal.py).
     Keys: "n" for all 3L pairs, "n/k" for a budget of k pairs per token."""
@@ -125,6 +126,7 @@ def run_causal(target: str, counts: list[int], model_path: Path, budgets: list[i
     from transformers import AutoTokenizer
 
     from alignlens.service.client import AttributionClient
+    from alignlens.service.server.convert import per_family_rows
 
     ids = AutoTokenizer.from_pretrained(str(model_path))(AUDIT_TEXT)["input_ids"][:max(counts)]
     out = {}
@@ -135,8 +137,8 @@ def run_causal(target: str, counts: list[int], model_path: Path, budgets: list[i
                 resp = client.audit(f"[causal {n}/{k}] {AUDIT_PROMPT}", ids, detail="causal",
                                     causal_indices=list(range(n)), causal_pairs=k)
                 seconds = time.perf_counter() - t0
-                measured = [sum(math.isfinite(v) for r in resp.tokens[t].attribution.family_drop
-                                for v in (r.qkv, r.attn_out, r.mlp_in)) for t in range(n)]
+                measured = [sum(not math.isnan(v) for row in per_family_rows(resp.tokens[t].attribution.family_drop)
+                                for v in row) for t in range(n)]
                 if not all(m == (k or 3 * len(resp.tokens[t].attribution.family_drop)) and m
                            for t, m in enumerate(measured)):
                     raise RuntimeError(f"CAUSAL Audit of {n} tokens ({k} pairs) measured {measured} pairs per token")
@@ -179,7 +181,7 @@ def verify_cost(model: str, probe: str | None, n: int, max_tokens: int, repetiti
 
 def bench_service(model: str, probe: str | None, streams: list[int], max_tokens: int, audit_lengths: list[int],
                   repetitions: int, prompts: list[str], serve_args: list[str] | None = None,
-                  causal_tokens: list[int] = (), causal_pairs: list[int] = (0,)) -> dict:
+                  causal_tokens: Sequence[int] = (), causal_pairs: Sequence[int] = (0,)) -> dict:
     from alignlens.service.modelstore import resolve_model
 
     model_path = resolve_model(model)
@@ -209,7 +211,7 @@ def bench_service(model: str, probe: str | None, streams: list[int], max_tokens:
         audit = run_audit(server.target, audit_lengths, repetitions, model_path)
         for n, row in audit.items():
             log.info("audit: %s tokens -> %.1f tokens/s", n, row["tokens_per_second"])
-        causal = run_causal(server.target, list(causal_tokens), model_path, list(causal_pairs)) if causal_tokens else None
+        causal = run_causal(server.target, causal_tokens, model_path, causal_pairs) if causal_tokens else None
         single = stream_results.get("1", {}).get("tokens_per_second")
         for row in audit.values():
             row["over_generate_per_stream"] = row["tokens_per_second"] / single if single else None
