@@ -187,7 +187,7 @@ def _causal_heatmap(section: Section, n_blocks: int) -> str:
     vmax = max(max(a.family_attribution[b][f], abs(a.family_drop[b][f]) if math.isfinite(a.family_drop[b][f]) else 0.0)
                for _, a in rows for f, b in cols)
     height = 24 + len(rows) * (2 * (CELL_H + 2) + 4)
-    out = [f'<svg id="causal-svg" width="{200 + len(cols) * cw}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    out = [f'<svg id="causal-svg" width="{290 + len(cols) * cw}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
     for f, name in enumerate(FAMILIES):
         out.append(f'<text x="{110 + f * n_blocks * cw}" y="10" class="axis">{name} 1..L</text>')
     y = 16
