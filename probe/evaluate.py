@@ -136,6 +136,25 @@ def faithfulness_report(pred: Tensor, drop: Tensor, groups: Tensor, resamples: l
     return {k: {"value": value[k], "ci": _interval([b[k] for b in boots])} for k in FAITHFULNESS_METRICS}
 
 
+def paired_faithfulness(pred: Tensor, baseline: Tensor, drop: Tensor, resamples: list[Tensor],
+                        centre_drop: Tensor | None = None) -> dict[str, dict]:
+    """`pred` minus `baseline` on the same tokens for REFINE_METRICS (the per-token ones), each
+    {"value", "ci"}: the mean per-token difference and its bootstrap interval over prompts. The two
+    scorers' own intervals overlap where tokens vary more than the gap; this one does not."""
+    m = drop.flatten(1).abs().double()
+    c_mag = _shares(m).mean(0) if centre_drop is None else centre_drop.double() / centre_drop.double().sum()
+    tok = []
+    for scorer in (pred, baseline):
+        p = scorer.flatten(1).double()
+        tok.append(_per_token(p, m, _shares(p).mean(0), c_mag))
+    out = {}
+    for metric in REFINE_METRICS:
+        diff = (tok[0][metric] - tok[1][metric])[:, None]
+        value, ci = mean_interval(diff, resamples)
+        out[metric] = {"value": value[0], "ci": ci[0]}
+    return out
+
+
 def mean_interval(per_token: Tensor, resamples: list[Tensor]) -> tuple[list[float], list[list[float]]]:
     """per_token [M, D] -> (mean [D], 95 % bootstrap interval [D][2])."""
     mean = per_token.double().mean(0)
@@ -362,6 +381,16 @@ def evaluate(att: Attributor, model_tf: nn.Module, sets: list[tuple[str, Path]],
                     diff = probe_kl - torch.cat([p["depth"][readout][0] for p in parts])
                     m_, ci_ = mean_interval(diff, d_res)
                     out["depth_paired"][readout] = {"probe_minus_kl": m_, "probe_minus_kl_ci": ci_}
+        # the refinement at each budget minus the same budget spent by each baseline proposer, paired
+        def pooled(scorer: str) -> Tensor:
+            return torch.cat([p["scorers"][scorer] for p in parts])
+
+        scorers = parts[0]["scorers"]
+        out["refinement_paired"] = {
+            str(k): {base: paired_faithfulness(pooled(f"refined_family_attribution_k{k}"),
+                                               pooled(f"refined_{base}_k{k}"), drop, res, centre)
+                     for base in ("mean_profile", "host_linearized") if f"refined_{base}_k{k}" in scorers}
+            for k in REFINE_BUDGETS if f"refined_family_attribution_k{k}" in scorers}
         out["mean_crystallization_depth"] = float(torch.cat([p["crystallization"] for p in parts]).mean())
         return out
 
@@ -408,6 +437,7 @@ def headline_keys(head: dict, L: int) -> dict:
             refinement[str(k)] = row
     if refinement:
         out["refinement"] = refinement
+        out["refinement_paired"] = head.get("refinement_paired", {})  # probe minus each baseline, same budget
     for readout, prefix in (("tuned_lens", "tuned_lens"), ("activation_only", "activation_only")):
         if readout in d:
             out[f"{prefix}_kl"], out[f"{prefix}_top1"] = d[readout]["kl"], d[readout]["top1"]

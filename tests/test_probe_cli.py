@@ -81,6 +81,10 @@ def test_collect_train_eval(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     hit = head["refined_family_attribution_k3"]["top_pair_hit"]["value"]
     assert refine["3"]["family_attribution"]["top_pair_hit"] == hit
     assert refine["3"]["mean_profile"]["share_centered_spearman"] > 0
+    # paired: the probe's refinement minus the same budget spent by each baseline, per token
+    paired = result["refinement_paired"]["3"]["mean_profile"]["top_pair_hit"]
+    assert paired["ci"][0] <= paired["ci"][1] and paired["value"] == pytest.approx(
+        refine["3"]["family_attribution"]["top_pair_hit"] - refine["3"]["mean_profile"]["top_pair_hit"], abs=1e-9)
     assert read_metadata(artifact)["evaluation"]["tokens"] == result["tokens"]
     # more labels, then `train --head-of`: the evaluation reuses the depth curves (same trunk and
     # readout) and measures faithfulness anew; a probe with another trunk is refused
