@@ -35,7 +35,7 @@ from pathlib import Path
 
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import TokenAttribution
-from alignlens.service.server.convert import family_shares, top_pair
+from alignlens.service.server.convert import attribution_from_dict, family_shares, top_pair
 
 DEFAULT_ATTRIBUTIONS = "alignlens-attributions.jsonl"
 
@@ -196,7 +196,7 @@ def join(samples_dir: str, attributions: str) -> tuple[list[Decided], int]:
             context, continuation = _deciding(sample)
             is_gen = not isinstance(next(iter(sample["arguments"].values())).get("arg_1"), str)
             tokens = gen_records.get(_key(context, "")) if is_gen else records.get(_key(context, continuation))
-            attrs = [TokenAttribution.from_dict(t["attribution"]) for t in tokens or [] if t.get("attribution")]
+            attrs = [attribution_from_dict(t["attribution"]) for t in tokens or [] if t.get("attribution")]
             if not attrs:
                 missing += 1
                 continue

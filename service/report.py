@@ -20,8 +20,11 @@ import html
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from alignlens.probe.names import FAMILIES
 from alignlens.probe.record import TokenAttribution
+from alignlens.probe.stats import spearman
 from alignlens.service.server.convert import attribution_from_dict, family_shares, top_dla, top_pair
 
 FAMILY_COLOURS = {"qkv": "#4c78a8", "attn_out": "#f58518", "mlp_in": "#54a24b"}
@@ -149,30 +152,12 @@ def _dla_heatmap(section: Section, n_blocks: int) -> str:
     return "".join(out)
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks 0..n-1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for m in range(i, j + 1):
-            ranks[order[m]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
-def spearman(x: list[float], y: list[float]) -> float | None:
-    """Spearman's rank correlation of two equal-length lists; None when either is constant or n < 3."""
-    if len(x) < 3:
+def _rank_correlation(x: list[float], y: list[float]) -> float | None:
+    """probe.stats.spearman of two lists (the evaluation's and the verifier's correlation); None when
+    n < 3 or either list is constant."""
+    if len(x) < 3 or len(set(x)) == 1 or len(set(y)) == 1:
         return None
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
+    return float(spearman(torch.tensor([x]), torch.tensor([y]))[0])
 
 
 def _causal_heatmap(section: Section, n_blocks: int) -> str:
@@ -195,7 +180,7 @@ def _causal_heatmap(section: Section, n_blocks: int) -> str:
         pred = [a.family_attribution[b][f] for f, b in cols]
         drop = [a.family_drop[b][f] for f, b in cols]
         measured = [i for i, d in enumerate(drop) if math.isfinite(d)]  # NaN: not ablated
-        rho = spearman([pred[i] for i in measured], [abs(drop[i]) for i in measured])
+        rho = _rank_correlation([pred[i] for i in measured], [abs(drop[i]) for i in measured])
         for kind, values in (("predicted", pred), ("exact", drop)):
             label = f'{t["text"][:10]} {"pred" if kind == "predicted" else "exact"}'
             out.append(f'<text x="0" y="{y + CELL_H - 1}" class="label">{_esc(label)}</text>')
